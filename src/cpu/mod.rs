@@ -1,0 +1,330 @@
+//! The f64 CPU reference: the project's ground truth.
+//!
+//! Every function widens its inputs to `f64`, computes group by group in a fixed order, and
+//! returns `f64` results. It is written for clarity and exactness rather than speed; the CUDA
+//! kernels are tested against it.
+//!
+//! For one group (see [`TargetConfig`] for `u` and exclusion):
+//!
+//! * `p_old = softmax(l_old)`, `q = softmax(log p_old + u / eta)` (target);
+//! * `p = softmax(l)`, `L = -sum_i q_i log p_i` or `KL(q || p)` (fit);
+//! * `dL/dl = sum(q) * p - q`, which is `p - q` for a normalised target.
+
+use crate::config::{Anchor, FitConfig, LossForm, TargetConfig};
+use crate::error::{Result, TpoError};
+use crate::layout::GroupLayout;
+use crate::scalar::Scalar;
+
+/// A stored target may deviate from summing to one by at most this much per group
+/// (room for bf16 storage of `q`, whose relative rounding is `2^-9`).
+pub const TARGET_SUM_TOLERANCE: f64 = 1e-2;
+
+/// Per-group diagnostics, one entry per group (structure of arrays).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GroupStats {
+    /// `KL(q || p) = sum_i q_i (log q_i - log p_i)`: how far the policy is from its target.
+    /// It shrinks to zero as the update self-extinguishes.
+    pub kl_q_p: Vec<f64>,
+    /// Entropy of the target, `H(q) = -sum_i q_i log q_i`.
+    pub entropy_q: Vec<f64>,
+    /// `KL(q || p_old)`: how far the target moved from the rollout policy (the size of the
+    /// step asked for). `None` from [`fit`], which does not see `l_old`.
+    pub kl_q_pold: Option<Vec<f64>>,
+    /// Euclidean norm of the group's returned gradient (scale and reduction included).
+    pub grad_norm: Vec<f64>,
+}
+
+/// Result of a fit: the scalar loss, the per-group losses and the gradient.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitOutput {
+    /// `w * sum_g L_g` with `w` from the reduction (not multiplied by `grad_scale`).
+    pub loss: f64,
+    /// Unreduced `L_g` per group (cross-entropy or KL, per [`LossForm`]).
+    pub group_loss: Vec<f64>,
+    /// `d(grad_scale * loss) / d l`, one entry per member.
+    pub grad: Vec<f64>,
+    /// Per-group diagnostics when [`FitConfig::diagnostics`] is set.
+    pub stats: Option<GroupStats>,
+}
+
+/// Result of [`target_and_fit`]: the target (to keep for later epochs) and the fit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetAndFit {
+    /// The target `q`, one entry per member.
+    pub target: Vec<f64>,
+    /// Loss, per-group loss, gradient and diagnostics of fitting `l` to `q`.
+    pub fit: FitOutput,
+}
+
+/// Builds the target `q` from the rollout log-probs `logp_old` and the `scores`.
+///
+/// `q_i = softmax_i(log p_old + u / eta)` per group, with `u` the population z-score of the
+/// group's scores (see [`TargetConfig`]). Computed once at rollout and reused across epochs.
+///
+/// Errors: length mismatches, NaN/`+inf` in `logp_old`, non-finite scores, a group whose
+/// `logp_old` is all `-inf`, an invalid configuration.
+pub fn target<L: Scalar, S: Scalar>(
+    logp_old: &[L],
+    scores: &[S],
+    layout: &GroupLayout,
+    cfg: &TargetConfig,
+) -> Result<Vec<f64>> {
+    target_named("logp_old", logp_old, scores, layout, cfg)
+}
+
+/// [`target`] with the name its errors give the rollout log-probs.
+fn target_named<L: Scalar, S: Scalar>(
+    name: &'static str,
+    logp_old: &[L],
+    scores: &[S],
+    layout: &GroupLayout,
+    cfg: &TargetConfig,
+) -> Result<Vec<f64>> {
+    cfg.validate()?;
+    layout.check_len(name, logp_old.len())?;
+    layout.check_len("scores", scores.len())?;
+    let mut q = vec![0.0; layout.len()];
+    let mut u = Vec::new();
+    for (g, r) in layout.ranges().enumerate() {
+        let start = r.start;
+        let lo = widen_logp(name, &logp_old[r.clone()], start)?;
+        let s = widen_scores(&scores[r.clone()], start)?;
+        if lo.iter().all(|&x| x == f64::NEG_INFINITY) {
+            return Err(TpoError::AllExcluded { name, group: g });
+        }
+        zscore(&s, &lo, cfg.zero_std_threshold, &mut u);
+        let a: Vec<f64> = lo
+            .iter()
+            .zip(&u)
+            .map(|(&l, &ui)| match (l == f64::NEG_INFINITY, cfg.anchor) {
+                (true, _) => f64::NEG_INFINITY,
+                (false, Anchor::Anchored) => l + ui / cfg.eta,
+                (false, Anchor::NoAnchor) => ui / cfg.eta,
+            })
+            .collect();
+        softmax_into(&a, &mut q[r]);
+    }
+    Ok(q)
+}
+
+/// Fits the policy log-probs `logp` to a stored target `q`: loss, per-group loss, gradient.
+///
+/// Per group: `log p = l - logsumexp(l)`, `L = -sum q log p` (or `KL(q || p)`), and the
+/// gradient `grad_scale * w * (sum(q) * p - q)` (see [`FitConfig`]).
+///
+/// `logp` may hold `-inf` (probability zero) only where `q = 0`. Errors: length mismatches,
+/// NaN/`+inf` in `logp`, a group all `-inf`, a target with negative or non-finite entries or
+/// a group sum off one by more than [`TARGET_SUM_TOLERANCE`], an infinite loss.
+pub fn fit<L: Scalar, Q: Scalar>(
+    logp: &[L],
+    target: &[Q],
+    layout: &GroupLayout,
+    cfg: &FitConfig,
+) -> Result<FitOutput> {
+    let w = cfg.validate(layout.num_groups())?;
+    layout.check_len("logp", logp.len())?;
+    layout.check_len("target", target.len())?;
+    let b = layout.num_groups();
+    let mut group_loss = Vec::with_capacity(b);
+    let mut grad = vec![0.0; layout.len()];
+    let mut stats = cfg.diagnostics.then(|| GroupStats {
+        kl_q_p: Vec::with_capacity(b),
+        entropy_q: Vec::with_capacity(b),
+        kl_q_pold: None,
+        grad_norm: Vec::with_capacity(b),
+    });
+    for (g, r) in layout.ranges().enumerate() {
+        let start = r.start;
+        let l = widen_logp("logp", &logp[r.clone()], start)?;
+        if l.iter().all(|&x| x == f64::NEG_INFINITY) {
+            return Err(TpoError::AllExcluded { name: "logp", group: g });
+        }
+        let q = widen_target(&target[r.clone()], start, g)?;
+        let gs = fit_group(&l, &q, start, cfg.form, cfg.grad_scale * w, &mut grad[r])?;
+        group_loss.push(gs.loss);
+        if let Some(st) = stats.as_mut() {
+            st.kl_q_p.push(gs.kl);
+            st.entropy_q.push(gs.entropy);
+            st.grad_norm.push(gs.grad_norm);
+        }
+    }
+    let loss = w * group_loss.iter().sum::<f64>();
+    Ok(FitOutput { loss, group_loss, grad, stats })
+}
+
+/// The fused first-epoch call: builds the target from `logp_old` (or from `logp` itself when
+/// `logp_old` is `None`, the on-policy case `l_old = l`) and fits `logp` to it, as
+/// [`target`] followed by [`fit`]. On-policy the gradient is `p_old - q`.
+///
+/// With [`FitConfig::diagnostics`] the stats include `KL(q || p_old)`.
+pub fn target_and_fit<L: Scalar, S: Scalar>(
+    logp: &[L],
+    logp_old: Option<&[L]>,
+    scores: &[S],
+    layout: &GroupLayout,
+    tcfg: &TargetConfig,
+    fcfg: &FitConfig,
+) -> Result<TargetAndFit> {
+    let (name, old) = match logp_old {
+        Some(o) => ("logp_old", o),
+        None => ("logp", logp),
+    };
+    let q = target_named(name, old, scores, layout, tcfg)?;
+    let mut fit = fit(logp, &q, layout, fcfg)?;
+    if let Some(st) = fit.stats.as_mut() {
+        let mut kl = Vec::with_capacity(layout.num_groups());
+        for r in layout.ranges() {
+            let lo: Vec<f64> = old[r.clone()].iter().map(|x| x.to_f64()).collect();
+            let lse = logsumexp(&lo);
+            kl.push(kl_div(&q[r], lo.iter().map(|&x| x - lse)));
+        }
+        st.kl_q_pold = Some(kl);
+    }
+    Ok(TargetAndFit { target: q, fit })
+}
+
+/// Population z-score of `s` over the members whose `l_old` is not `-inf`; zero for the
+/// excluded members, and for all members when the deviation is `<= threshold`.
+///
+/// Computed on `s / max|s|` so that scores near the `f64` range do not overflow; the
+/// threshold applies to the deviation of the raw scores.
+pub fn zscore(s: &[f64], l_old: &[f64], threshold: f64, u: &mut Vec<f64>) {
+    u.clear();
+    u.resize(s.len(), 0.0);
+    let inc = |i: usize| l_old[i] != f64::NEG_INFINITY;
+    let n = (0..s.len()).filter(|&i| inc(i)).count();
+    let m = (0..s.len()).filter(|&i| inc(i)).map(|i| s[i].abs()).fold(0.0, f64::max);
+    if n == 0 || m == 0.0 {
+        return;
+    }
+    let mean = (0..s.len()).filter(|&i| inc(i)).map(|i| s[i] / m).sum::<f64>() / n as f64;
+    let var = (0..s.len()).filter(|&i| inc(i)).map(|i| (s[i] / m - mean).powi(2)).sum::<f64>() / n as f64;
+    let sd = var.sqrt();
+    if sd == 0.0 || sd * m <= threshold {
+        return;
+    }
+    for i in 0..s.len() {
+        if inc(i) {
+            u[i] = (s[i] / m - mean) / sd;
+        }
+    }
+}
+
+/// `log sum_i exp(a_i)`, stable; `-inf` entries contribute nothing (at least one must be finite).
+pub fn logsumexp(a: &[f64]) -> f64 {
+    let mx = a.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if mx == f64::NEG_INFINITY {
+        return f64::NEG_INFINITY;
+    }
+    mx + a.iter().map(|&x| (x - mx).exp()).sum::<f64>().ln()
+}
+
+/// `out_i = exp(a_i - logsumexp(a))`.
+pub fn softmax_into(a: &[f64], out: &mut [f64]) {
+    let lse = logsumexp(a);
+    for (o, &x) in out.iter_mut().zip(a) {
+        *o = (x - lse).exp();
+    }
+}
+
+/// `sum_i q_i (log q_i - logp_i)` over the members with `q_i > 0`.
+fn kl_div(q: &[f64], logp: impl Iterator<Item = f64>) -> f64 {
+    q.iter().zip(logp).filter(|(&qi, _)| qi > 0.0).map(|(&qi, lp)| qi * (qi.ln() - lp)).sum()
+}
+
+struct GroupFit {
+    loss: f64,
+    kl: f64,
+    entropy: f64,
+    grad_norm: f64,
+}
+
+fn fit_group(
+    l: &[f64],
+    q: &[f64],
+    start: usize,
+    form: LossForm,
+    scale: f64,
+    grad: &mut [f64],
+) -> Result<GroupFit> {
+    let lse = logsumexp(l);
+    let qsum: f64 = q.iter().sum();
+    let (mut ce, mut kl, mut ent, mut gn) = (0.0, 0.0, 0.0, 0.0);
+    for i in 0..l.len() {
+        let lp = l[i] - lse;
+        if q[i] > 0.0 {
+            if lp == f64::NEG_INFINITY {
+                return Err(TpoError::InfiniteLoss { index: start + i, q: q[i] });
+            }
+            let lq = q[i].ln();
+            ce -= q[i] * lp;
+            kl += q[i] * (lq - lp);
+            ent -= q[i] * lq;
+        }
+        let gi = scale * (qsum * lp.exp() - q[i]);
+        grad[i] = gi;
+        gn += gi * gi;
+    }
+    let loss = match form {
+        LossForm::CrossEntropy => ce,
+        LossForm::Kl => kl,
+    };
+    Ok(GroupFit { loss, kl, entropy: ent, grad_norm: gn.sqrt() })
+}
+
+fn widen_logp<T: Scalar>(name: &'static str, x: &[T], start: usize) -> Result<Vec<f64>> {
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let v = v.to_f64();
+            if v.is_nan() || v == f64::INFINITY {
+                Err(TpoError::NonFinite {
+                    name,
+                    index: start + i,
+                    value: v,
+                    allowed: "log-probs must be finite, or -inf to exclude a member",
+                })
+            } else {
+                Ok(v)
+            }
+        })
+        .collect()
+}
+
+fn widen_scores<T: Scalar>(x: &[T], start: usize) -> Result<Vec<f64>> {
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let v = v.to_f64();
+            if v.is_finite() {
+                Ok(v)
+            } else {
+                Err(TpoError::NonFinite {
+                    name: "scores",
+                    index: start + i,
+                    value: v,
+                    allowed: "scores must be finite",
+                })
+            }
+        })
+        .collect()
+}
+
+fn widen_target<T: Scalar>(x: &[T], start: usize, g: usize) -> Result<Vec<f64>> {
+    let q: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+    for (i, &v) in q.iter().enumerate() {
+        if !v.is_finite() || v < 0.0 {
+            return Err(TpoError::BadTarget(format!(
+                "target[{}] is {v}: a target holds probabilities in [0, 1]",
+                start + i
+            )));
+        }
+    }
+    let sum: f64 = q.iter().sum();
+    if (sum - 1.0).abs() > TARGET_SUM_TOLERANCE {
+        return Err(TpoError::BadTarget(format!(
+            "group {g} sums to {sum}, expected 1: pass the output of target()"
+        )));
+    }
+    Ok(q)
+}

@@ -1,0 +1,50 @@
+//! # tpo: Target Policy Optimization kernels and reference
+//!
+//! TPO (Kaddour, arXiv 2604.06159) updates a policy from groups of `K` scored samples. For a
+//! group with rollout log-probs `l_old`, current log-probs `l` and scores `s`:
+//!
+//! * `u = (s - mean(s)) / std(s)` (population deviation; `u = 0` for a zero-variance group),
+//! * the target `q = softmax(log_softmax(l_old) + u / eta)`, fixed once built,
+//! * the loss `L = -sum_i q_i log softmax(l)_i`, whose gradient is `dL/dl = p - q`.
+//!
+//! The API is decoupled like the method: [`cpu::target`] builds `q` at rollout, [`cpu::fit`]
+//! fits any later epoch to it, and [`cpu::target_and_fit`] does both for the first epoch.
+//! Groups are described once by a validated [`GroupLayout`] (uniform or ragged); the
+//! configuration types ([`TargetConfig`], [`FitConfig`], [`Reduction`]) and the error type
+//! ([`TpoError`]) are shared by every backend.
+//!
+//! ```
+//! use tpo::{cpu, FitConfig, GroupLayout, TargetConfig};
+//!
+//! // Two prompts, four completions each.
+//! let layout = GroupLayout::uniform(2, 4)?;
+//! let logp_old = [-3.0f32, -2.5, -4.0, -3.2, -10.0, -11.0, -9.5, -12.0];
+//! let scores = [1.0f32, 0.0, 0.0, 1.0, 0.2, 0.9, 0.1, 0.5];
+//!
+//! let q = cpu::target(&logp_old, &scores, &layout, &TargetConfig::with_eta(1.0))?;
+//! // First epoch: l = l_old, so the gradient is p_old - q.
+//! let out = cpu::fit(&logp_old, &q, &layout, &FitConfig::default())?;
+//! assert_eq!(out.group_loss.len(), 2);
+//! assert!(out.grad.iter().sum::<f64>().abs() < 1e-12);
+//! # Ok::<(), tpo::TpoError>(())
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod layout;
+pub mod scalar;
+
+pub use config::{Anchor, FitConfig, LossForm, Reduction, TargetConfig};
+pub use cpu::{FitOutput, GroupStats, TargetAndFit};
+pub use error::{Result, TpoError};
+pub use half::{bf16, f16};
+pub use layout::GroupLayout;
+pub use scalar::Scalar;
+
+/// The README's examples are compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme_doctests {}

@@ -1,0 +1,7 @@
+//! The `tpo` command-line tool.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}
