@@ -34,6 +34,7 @@
 pub mod config;
 pub mod cpu;
 pub mod error;
+pub mod experiments;
 pub mod layout;
 pub mod scalar;
 

@@ -230,3 +230,42 @@ fn bad_inputs_fail_with_one_line() {
     assert_eq!(code, 1);
     assert!(stderr.starts_with("error: cannot read"), "{stderr}");
 }
+
+#[test]
+fn reproduce_writes_json_and_figures() {
+    let out = tmp("repro");
+    let (code, stdout, stderr) =
+        tpo(&["reproduce", "tabular", "--seeds", "3", "--steps", "12", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("error < 1% at") && stdout.contains("TPO"), "{stdout}");
+    for (file, methods, first_step) in [
+        ("tabular_single.json", vec!["PG", "DG", "GRPO", "TPO"], 0),
+        ("tabular_multi.json", vec!["PG", "DG", "GRPO", "TPO", "CE"], 1),
+    ] {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(file)).unwrap()).unwrap();
+        assert_eq!(v["config"]["seeds"], 3);
+        let steps = v["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 12);
+        assert_eq!(steps[0], first_step);
+        let m = v["methods"].as_object().unwrap();
+        assert_eq!(m.len(), methods.len());
+        for name in methods {
+            for key in ["error_mean", "error_se", "misalignment_mean", "misalignment_se"] {
+                let a = m[name][key].as_array().unwrap();
+                assert_eq!(a.len(), 12, "{file} {name} {key}");
+                assert!(a.iter().all(|x| x.as_f64().unwrap().is_finite()));
+            }
+        }
+    }
+    for f in ["tabular_single.png", "tabular_single.svg", "tabular_multi.png", "tabular_multi.svg"] {
+        let len = std::fs::metadata(out.join(f)).unwrap().len();
+        assert!(len > 10_000, "{f} is only {len} bytes");
+    }
+    let png = std::fs::read(out.join("tabular_single.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    // Bad arguments are one-line errors.
+    let (code, _, stderr) = tpo(&["reproduce", "tabular", "--seeds", "0"]);
+    assert_eq!(code, 1);
+    assert_eq!(stderr.trim(), "error: --seeds must be at least 1");
+}

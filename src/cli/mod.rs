@@ -1,6 +1,8 @@
 //! Command-line front end: argument parsing and error reporting.
 
 mod eval;
+mod plot;
+mod reproduce;
 mod tensors;
 
 use clap::{Parser, Subcommand};
@@ -17,6 +19,8 @@ struct Cli {
 enum Command {
     /// Evaluate the TPO loss on tensors dumped from a trainer (safetensors) with the f64 reference.
     Eval(eval::EvalArgs),
+    /// Reproduce the paper's experiments with this library (TPO against PG, DG, GRPO, CE).
+    Reproduce(reproduce::ReproduceArgs),
 }
 
 /// Parses the command line and runs it; every failure becomes a one-line message and exit code 1
@@ -32,6 +36,7 @@ pub fn main() -> ExitCode {
     };
     let res = match cli.command {
         Command::Eval(a) => eval::run(a),
+        Command::Reproduce(a) => reproduce::run(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

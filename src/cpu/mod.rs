@@ -15,6 +15,9 @@ use crate::error::{Result, TpoError};
 use crate::layout::GroupLayout;
 use crate::scalar::Scalar;
 
+mod baselines;
+pub use baselines::{dg, grpo, reinforce, sigmoid, Baseline, DgConfig, GrpoConfig, PgConfig};
+
 /// A stored target may deviate from summing to one by at most this much per group
 /// (room for bf16 storage of `q`, whose relative rounding is `2^-9`).
 pub const TARGET_SUM_TOLERANCE: f64 = 1e-2;
@@ -272,7 +275,7 @@ fn fit_group(
     Ok(GroupFit { loss, kl, entropy: ent, grad_norm: gn.sqrt() })
 }
 
-fn widen_logp<T: Scalar>(name: &'static str, x: &[T], start: usize) -> Result<Vec<f64>> {
+pub(crate) fn widen_logp<T: Scalar>(name: &'static str, x: &[T], start: usize) -> Result<Vec<f64>> {
     x.iter()
         .enumerate()
         .map(|(i, v)| {
@@ -291,7 +294,7 @@ fn widen_logp<T: Scalar>(name: &'static str, x: &[T], start: usize) -> Result<Ve
         .collect()
 }
 
-fn widen_scores<T: Scalar>(x: &[T], start: usize) -> Result<Vec<f64>> {
+pub(crate) fn widen_scores<T: Scalar>(x: &[T], start: usize) -> Result<Vec<f64>> {
     x.iter()
         .enumerate()
         .map(|(i, v)| {

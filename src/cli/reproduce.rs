@@ -1,0 +1,213 @@
+//! `tpo reproduce tabular`: the paper's tabular bandit experiments with this library.
+
+use super::plot::{self, Figure};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tpo::experiments::tabular::{
+    multi_run, run_all, single_run, CpuBackend, MethodCurves, MultiConfig, SingleConfig, TpoBackend,
+    MULTI_METHODS, SINGLE_METHODS,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Experiment {
+    /// Both tabular bandit experiments (single context and multi context).
+    Tabular,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// The f64 CPU reference.
+    Cpu,
+    /// The CUDA kernels (needs a build with `--features cuda` and a GPU).
+    Cuda,
+}
+
+#[derive(Args)]
+pub struct ReproduceArgs {
+    /// Which experiment to run.
+    pub experiment: Experiment,
+    /// Seeds averaged per method.
+    #[arg(long, default_value_t = 100)]
+    pub seeds: usize,
+    /// Steps per run (default: the paper's, 150 single-context and 1000 multi-context).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Backend for TPO's target and fit.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+    /// Output folder for the JSON results and the figures.
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// Worker threads (default: all cores). Results do not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+fn backend(b: Backend) -> Result<Box<dyn TpoBackend>, String> {
+    match b {
+        Backend::Cpu => Ok(Box::new(CpuBackend)),
+        Backend::Cuda => cuda_backend(),
+    }
+}
+
+fn cuda_backend() -> Result<Box<dyn TpoBackend>, String> {
+    Err("the CUDA backend is not part of this build yet".into())
+}
+
+pub fn run(a: ReproduceArgs) -> Result<(), String> {
+    let Experiment::Tabular = a.experiment;
+    if a.seeds == 0 {
+        return Err("--seeds must be at least 1".into());
+    }
+    if a.steps == Some(0) {
+        return Err("--steps must be at least 1".into());
+    }
+    let be = backend(a.backend)?;
+    let threads =
+        a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    std::fs::create_dir_all(&a.out).map_err(|e| format!("cannot create {}: {e}", a.out.display()))?;
+
+    let single = SingleConfig { seeds: a.seeds, steps: a.steps.unwrap_or(150), ..SingleConfig::default() };
+    let multi = MultiConfig { seeds: a.seeds, steps: a.steps.unwrap_or(1000), ..MultiConfig::default() };
+    let t0 = Instant::now();
+
+    let bar = progress(SINGLE_METHODS.len() * a.seeds, "single context");
+    let be_ref: &dyn TpoBackend = be.as_ref();
+    let job = |m, s| single_run(&single, m, s, be_ref);
+    let single_curves =
+        run_all(&SINGLE_METHODS, a.seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let single_steps: Vec<f64> = (0..single.steps).map(|t| t as f64).collect();
+    write_json(&a.out.join("tabular_single.json"), &single, &single_steps, &single_curves, "before")?;
+    plot::draw(
+        &Figure {
+            title: &format!(
+                "Single context (A = {}, B = {}, α = {}, {} seeds, TPO on {})",
+                single.actions,
+                single.batch,
+                single.alpha,
+                single.seeds,
+                be.name()
+            ),
+            steps: &single_steps,
+            curves: &single_curves,
+            x_label: "step",
+            error_label: "error 1 − π(y*)",
+            misalignment_label: "1 − cos(g, g*_PG)",
+        },
+        &a.out.join("tabular_single"),
+    )?;
+
+    let bar = progress(MULTI_METHODS.len() * a.seeds, "multi context");
+    let job = |m, s| multi_run(&multi, m, s, be_ref);
+    let multi_curves =
+        run_all(&MULTI_METHODS, a.seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let multi_steps: Vec<f64> = (1..=multi.steps).map(|t| t as f64).collect();
+    write_json(&a.out.join("tabular_multi.json"), &multi, &multi_steps, &multi_curves, "after")?;
+    plot::draw(
+        &Figure {
+            title: &format!(
+                "Multi context (N = {}, A = {}, α = {}, {} seeds, exact updates, TPO on {})",
+                multi.contexts,
+                multi.actions,
+                multi.alpha,
+                multi.seeds,
+                be.name()
+            ),
+            steps: &multi_steps,
+            curves: &multi_curves,
+            x_label: "step",
+            error_label: "mean error 1 − π(y)",
+            misalignment_label: "1 − cos(g, g_CE)",
+        },
+        &a.out.join("tabular_multi"),
+    )?;
+
+    println!("Single context: error 1 − π(y*) before the step (misalignment to g*_PG in brackets)");
+    table(&single_curves, &single_steps, &[0, 25, 50, 100]);
+    println!();
+    println!("Multi context: mean error 1 − π(y) after the step (misalignment to g_CE in brackets)");
+    table(&multi_curves, &multi_steps, &[1, 10, 100, 500]);
+    println!();
+    println!(
+        "{} seeds, TPO on {}, {} threads, {:.1} s; wrote {}/tabular_{{single,multi}}.{{json,png,svg}}",
+        a.seeds,
+        be.name(),
+        threads,
+        t0.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn progress(len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>15} [{bar:40}] {pos}/{len} runs ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Prints per method the error (and misalignment) at the given step numbers (as in the JSON's
+/// `steps`), the final values and the first step with mean error below 1%.
+fn table(curves: &[MethodCurves], steps: &[f64], at: &[usize]) {
+    let cols: Vec<(usize, usize)> = at
+        .iter()
+        .filter_map(|&s| steps.iter().position(|&x| x as usize == s).map(|i| (s, i)))
+        .chain(std::iter::once((steps.len() - 1, steps.len() - 1)).map(|(_, i)| (steps[i] as usize, i)))
+        .fold(Vec::new(), |mut v, c| {
+            if !v.contains(&c) {
+                v.push(c);
+            }
+            v
+        });
+    print!("{:<6}", "method");
+    for (s, _) in &cols {
+        print!("{:>22}", format!("step {s}"));
+    }
+    println!("{:>16}", "error < 1% at");
+    for c in curves {
+        print!("{:<6}", c.method.name());
+        for &(_, i) in &cols {
+            print!("{:>22}", format!("{:.3e} ({:.2e})", c.error_mean[i], c.misalignment_mean[i]));
+        }
+        let first = c.first_below(0.01).map_or("never".to_string(), |i| format!("step {}", steps[i]));
+        println!("{first:>16}");
+    }
+}
+
+fn write_json<C: serde::Serialize>(
+    path: &Path,
+    cfg: &C,
+    steps: &[f64],
+    curves: &[MethodCurves],
+    when: &str,
+) -> Result<(), String> {
+    let mut methods = Map::new();
+    for c in curves {
+        methods.insert(
+            c.method.name().to_string(),
+            json!({
+                "error_mean": c.error_mean,
+                "error_se": c.error_se,
+                "misalignment_mean": c.misalignment_mean,
+                "misalignment_se": c.misalignment_se,
+            }),
+        );
+    }
+    let mut config = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
+    if let Value::Object(o) = &mut config {
+        o.insert("error_measured".into(), Value::String(format!("{when} each step")));
+    }
+    let steps: Vec<u64> = steps.iter().map(|&s| s as u64).collect();
+    let doc = json!({ "config": config, "steps": steps, "methods": methods });
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}

@@ -1,0 +1,230 @@
+//! Comparison losses for A/B experiments against TPO: REINFORCE with a baseline, GRPO and DG.
+//!
+//! They share TPO's conventions: a [`GroupLayout`], the [`FitConfig`] reduction and upstream
+//! scale, and a [`FitOutput`] whose `grad` is `d(grad_scale * loss) / d l`. Within a group the
+//! per-member terms are averaged (`1/K_g`), so a uniform batch under [`Reduction::Mean`]
+//! averages over all samples, as the usual sample-mean estimators do. Log-probs must be finite
+//! (no `-inf` exclusion here). Diagnostics are not computed ([`FitOutput::stats`] is `None`).
+//!
+//! [`Reduction::Mean`]: crate::Reduction::Mean
+
+use super::{widen_logp, widen_scores, zscore, FitOutput};
+use crate::config::FitConfig;
+use crate::error::{Result, TpoError};
+use crate::layout::GroupLayout;
+use crate::scalar::Scalar;
+
+/// The baseline subtracted from the scores to form advantages `A_i = s_i - b`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Baseline {
+    /// `b` = the group's mean score (the default).
+    #[default]
+    GroupMean,
+    /// A fixed `b` (the paper's tabular experiments use 0.5 for 0/1 rewards).
+    Constant(f64),
+}
+
+/// REINFORCE with a baseline: per group `L = -(1/K) sum_i A_i l_i`, `dL/dl_i = -A_i / K`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PgConfig {
+    /// Baseline of the advantages.
+    pub baseline: Baseline,
+}
+
+/// GRPO: the clipped surrogate with group z-scored advantages plus a reverse-KL penalty to
+/// the rollout policy. With `r_i = l_i - l_old_i`, `rho_i = exp(r_i)` and `A` the population
+/// z-score of the group's scores (0 for a zero-variance group):
+///
+/// `L = (1/K) sum_i [ -min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i) + beta (exp(-r_i) + r_i - 1) ]`,
+///
+/// `dL/dl_i = (1/K) [ -rho_i A_i [unclipped term active] + beta (1 - exp(-r_i)) ]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GrpoConfig {
+    /// Clip range `eps` (default 0.2).
+    pub clip_eps: f64,
+    /// KL penalty weight `beta` (default 0.04).
+    pub beta: f64,
+    /// Deviation at or below which a group's advantages are zero (default `1e-6`).
+    pub zero_std_threshold: f64,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        Self { clip_eps: 0.2, beta: 0.04, zero_std_threshold: 1e-6 }
+    }
+}
+
+/// DG, the delightful gradient: REINFORCE with each term gated by
+/// `g_i = sigmoid(A_i * (-l_old_i) / eta)`, the sign-aware surprisal under the rollout policy.
+/// The gate is a constant of the loss (computed from `l_old`, not `l`):
+/// `L = -(1/K) sum_i g_i A_i l_i`, `dL/dl_i = -g_i A_i / K`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DgConfig {
+    /// Gate temperature `eta > 0` (default 1).
+    pub eta: f64,
+    /// Baseline of the advantages.
+    pub baseline: Baseline,
+}
+
+impl Default for DgConfig {
+    fn default() -> Self {
+        Self { eta: 1.0, baseline: Baseline::GroupMean }
+    }
+}
+
+/// REINFORCE with a baseline (see [`PgConfig`]).
+pub fn reinforce<L: Scalar, S: Scalar>(
+    logp: &[L],
+    scores: &[S],
+    layout: &GroupLayout,
+    cfg: &PgConfig,
+    fit: &FitConfig,
+) -> Result<FitOutput> {
+    check_baseline(cfg.baseline)?;
+    per_group(layout, fit, &[("logp", logp)], scores, |l, s, _, out| {
+        let k = l[0].len() as f64;
+        let adv = advantages(s, cfg.baseline);
+        let mut loss = 0.0;
+        for i in 0..s.len() {
+            loss -= adv[i] * l[0][i] / k;
+            out[i] = -adv[i] / k;
+        }
+        Ok(loss)
+    })
+}
+
+/// GRPO's clipped surrogate with a reverse-KL penalty (see [`GrpoConfig`]).
+pub fn grpo<L: Scalar, S: Scalar>(
+    logp: &[L],
+    logp_old: &[L],
+    scores: &[S],
+    layout: &GroupLayout,
+    cfg: &GrpoConfig,
+    fit: &FitConfig,
+) -> Result<FitOutput> {
+    for (name, v, req) in [
+        ("clip_eps", cfg.clip_eps, "finite and in (0, 1)"),
+        ("beta", cfg.beta, "finite and >= 0"),
+        ("zero_std_threshold", cfg.zero_std_threshold, "finite and >= 0"),
+    ] {
+        let ok = v.is_finite() && v >= 0.0 && (name != "clip_eps" || (v > 0.0 && v < 1.0));
+        if !ok {
+            return Err(TpoError::BadConfig { name, requirement: req, got: v });
+        }
+    }
+    per_group(layout, fit, &[("logp", logp), ("logp_old", logp_old)], scores, |l, s, u, out| {
+        let (l, lo) = (l[0], l[1]);
+        let k = l.len() as f64;
+        zscore(s, lo, cfg.zero_std_threshold, u);
+        let mut loss = 0.0;
+        for i in 0..s.len() {
+            let r = l[i] - lo[i];
+            let rho = r.exp();
+            let a = u[i];
+            let unclipped = rho * a;
+            let clipped = rho.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * a;
+            let kl = (-r).exp() + r - 1.0;
+            loss += (-unclipped.min(clipped) + cfg.beta * kl) / k;
+            let d_sur = if unclipped <= clipped { -rho * a } else { 0.0 };
+            out[i] = (d_sur + cfg.beta * (1.0 - (-r).exp())) / k;
+        }
+        Ok(loss)
+    })
+}
+
+/// DG, the sigmoid-gated REINFORCE (see [`DgConfig`]).
+pub fn dg<L: Scalar, S: Scalar>(
+    logp: &[L],
+    logp_old: &[L],
+    scores: &[S],
+    layout: &GroupLayout,
+    cfg: &DgConfig,
+    fit: &FitConfig,
+) -> Result<FitOutput> {
+    if !(cfg.eta.is_finite() && cfg.eta > 0.0) {
+        return Err(TpoError::BadConfig { name: "eta", requirement: "finite and > 0", got: cfg.eta });
+    }
+    check_baseline(cfg.baseline)?;
+    per_group(layout, fit, &[("logp", logp), ("logp_old", logp_old)], scores, |l, s, _, out| {
+        let (l, lo) = (l[0], l[1]);
+        let k = l.len() as f64;
+        let adv = advantages(s, cfg.baseline);
+        let mut loss = 0.0;
+        for i in 0..s.len() {
+            let gate = sigmoid(adv[i] * (-lo[i]) / cfg.eta);
+            loss -= gate * adv[i] * l[i] / k;
+            out[i] = -gate * adv[i] / k;
+        }
+        Ok(loss)
+    })
+}
+
+/// `1 / (1 + exp(-x))`, without overflow for large `|x|`.
+pub fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+fn check_baseline(b: Baseline) -> Result<()> {
+    match b {
+        Baseline::Constant(c) if !c.is_finite() => {
+            Err(TpoError::BadConfig { name: "baseline", requirement: "finite", got: c })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn advantages(s: &[f64], b: Baseline) -> Vec<f64> {
+    let b = match b {
+        Baseline::GroupMean => s.iter().sum::<f64>() / s.len() as f64,
+        Baseline::Constant(c) => c,
+    };
+    s.iter().map(|x| x - b).collect()
+}
+
+/// Validates the inputs, then runs `f(logps, scores, scratch, grad_out) -> group loss` group by
+/// group and applies the reduction and upstream scale.
+fn per_group<L: Scalar, S: Scalar>(
+    layout: &GroupLayout,
+    fit: &FitConfig,
+    logps: &[(&'static str, &[L])],
+    scores: &[S],
+    mut f: impl FnMut(&[&[f64]], &[f64], &mut Vec<f64>, &mut [f64]) -> Result<f64>,
+) -> Result<FitOutput> {
+    let w = fit.validate(layout.num_groups())?;
+    for (name, x) in logps {
+        layout.check_len(name, x.len())?;
+    }
+    layout.check_len("scores", scores.len())?;
+    let mut grad = vec![0.0; layout.len()];
+    let mut group_loss = Vec::with_capacity(layout.num_groups());
+    let mut scratch = Vec::new();
+    for r in layout.ranges() {
+        let mut wide = Vec::with_capacity(logps.len());
+        for (name, x) in logps {
+            let v = widen_logp(name, &x[r.clone()], r.start)?;
+            if let Some(i) = v.iter().position(|x| x.is_infinite()) {
+                return Err(TpoError::NonFinite {
+                    name,
+                    index: r.start + i,
+                    value: v[i],
+                    allowed: "the baseline losses need finite log-probs",
+                });
+            }
+            wide.push(v);
+        }
+        let views: Vec<&[f64]> = wide.iter().map(Vec::as_slice).collect();
+        let s = widen_scores(&scores[r.clone()], r.start)?;
+        let out = &mut grad[r];
+        group_loss.push(f(&views, &s, &mut scratch, out)?);
+        for g in out.iter_mut() {
+            *g *= fit.grad_scale * w;
+        }
+    }
+    let loss = w * group_loss.iter().sum::<f64>();
+    Ok(FitOutput { loss, group_loss, grad, stats: None })
+}

@@ -1,0 +1,8 @@
+//! The paper's experiments, driven through this library's loss API.
+//!
+//! [`tabular`] holds the two tabular bandit experiments (single context, sampled gradients;
+//! many contexts, exact population gradients) comparing TPO with PG, DG, GRPO and the CE
+//! oracle. They are deterministic for a given seed.
+
+pub mod rng;
+pub mod tabular;
