@@ -68,6 +68,16 @@ pub enum TpoError {
         /// The value given.
         got: f64,
     },
+    /// A data error found on the device, named by its flat index.
+    #[error("{name}[{index}] is {problem}")]
+    DeviceInput {
+        /// Name of the input.
+        name: &'static str,
+        /// Flat index of the first offending element.
+        index: usize,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
     /// The CUDA backend could not be used (no driver, no GPU, a launch failure, ...).
     #[error("CUDA: {0}")]
     Cuda(String),

@@ -29,14 +29,18 @@
 //! # Ok::<(), tpo::TpoError>(())
 //! ```
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+pub mod cuda;
 pub mod error;
 pub mod experiments;
 pub mod layout;
 pub mod scalar;
+pub mod status;
 
 pub use config::{Anchor, FitConfig, LossForm, Reduction, TargetConfig};
 pub use cpu::{FitOutput, GroupStats, TargetAndFit};

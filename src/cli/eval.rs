@@ -22,6 +22,18 @@ pub struct EvalArgs {
     /// Write `loss`, `group_loss`, `target` and `grad` (f64) to this safetensors file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// `cuda` also runs the fused GPU kernel on the same inputs and reports its largest
+    /// difference from the reference (needs a build with `--features cuda` and a GPU).
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The f64 CPU reference only.
+    Cpu,
+    /// The CUDA kernels, compared with the reference.
+    Cuda,
 }
 
 /// The inputs of one evaluation, validated against each other.
@@ -127,6 +139,9 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
     println!("  mean H(q)                  {:.6}", mean(&st.entropy_q));
     let gn = res.fit.grad.iter().map(|g| g * g).sum::<f64>().sqrt();
     println!("  |grad|                     {gn:.6e}");
+    if a.backend == Backend::Cuda {
+        compare_cuda(&inp, &tcfg, &res)?;
+    }
     if let Some(out) = &a.out {
         let shape = inp.logp.shape.clone();
         write_f64(
@@ -140,5 +155,61 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
         )?;
         println!("  wrote {} (loss, group_loss, target, grad as f64)", out.display());
     }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn compare_cuda(_: &Inputs, _: &TargetConfig, _: &cpu::TargetAndFit) -> Result<(), String> {
+    Err("this tpo was built without CUDA: rebuild with `cargo build --release --features cuda`".into())
+}
+
+/// Runs the fused kernel on the inputs (in their own dtype, when it is f32, bf16 or f16; f64
+/// inputs are rounded to f32) and prints the largest differences from the reference.
+#[cfg(feature = "cuda")]
+fn compare_cuda(inp: &Inputs, tcfg: &TargetConfig, want: &cpu::TargetAndFit) -> Result<(), String> {
+    use safetensors::Dtype;
+    use tpo::cuda::{CudaTpo, DeviceFloat};
+    struct Gpu {
+        q: Vec<f64>,
+        grad: Vec<f64>,
+        group_loss: Vec<f64>,
+        loss: f64,
+        device: String,
+    }
+    fn run<T: DeviceFloat>(inp: &Inputs, tcfg: &TargetConfig) -> tpo::Result<Gpu> {
+        let tpo = CudaTpo::new(0)?;
+        let conv = |v: &[f64]| -> Vec<T> { v.iter().map(|&x| T::from_f64(x)).collect() };
+        let layout = tpo.layout(&inp.layout)?;
+        let l = tpo.to_device(&conv(&inp.logp.data))?;
+        let lo = inp.logp_old.as_ref().map(|t| tpo.to_device(&conv(&t.data))).transpose()?;
+        let s: Vec<f32> = inp.scores.data.iter().map(|&x| x as f32).collect();
+        let s = tpo.to_device(&s)?;
+        let mut out = tpo.alloc_fused::<f32>(&layout, false)?;
+        tpo.target_and_fit(&l, lo.as_ref(), &s, &layout, tcfg, &FitConfig::default(), &mut out)?;
+        tpo.check(&out.fit.status, &layout)?;
+        let f = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
+        Ok(Gpu {
+            q: f(tpo.to_host(&out.q)?),
+            grad: f(tpo.to_host(&out.fit.grad)?),
+            group_loss: f(tpo.to_host(&out.fit.group_loss)?),
+            loss: f64::from(tpo.to_host(&out.fit.loss)?[0]),
+            device: tpo.device_name()?,
+        })
+    }
+    let got = match inp.logp.dtype {
+        Dtype::BF16 => run::<tpo::bf16>(inp, tcfg),
+        Dtype::F16 => run::<tpo::f16>(inp, tcfg),
+        _ => run::<f32>(inp, tcfg),
+    }
+    .map_err(|e| e.to_string())?;
+    let maxdiff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    println!("  cuda ({}): largest |difference| from the reference:", got.device);
+    println!(
+        "    loss {:.3e}, group_loss {:.3e}, target {:.3e}, grad {:.3e}",
+        (got.loss - want.fit.loss).abs(),
+        maxdiff(&got.group_loss, &want.fit.group_loss),
+        maxdiff(&got.q, &want.target),
+        maxdiff(&got.grad, &want.fit.grad)
+    );
     Ok(())
 }

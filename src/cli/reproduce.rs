@@ -53,8 +53,16 @@ fn backend(b: Backend) -> Result<Box<dyn TpoBackend>, String> {
     }
 }
 
+#[cfg(not(feature = "cuda"))]
 fn cuda_backend() -> Result<Box<dyn TpoBackend>, String> {
-    Err("the CUDA backend is not part of this build yet".into())
+    Err("this tpo was built without CUDA: rebuild with `cargo build --release --features cuda`".into())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> Result<Box<dyn TpoBackend>, String> {
+    tpo::cuda::TabularCudaBackend::new()
+        .map(|b| Box::new(b) as Box<dyn TpoBackend>)
+        .map_err(|e| e.to_string())
 }
 
 pub fn run(a: ReproduceArgs) -> Result<(), String> {

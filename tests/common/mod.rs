@@ -77,3 +77,36 @@ pub fn close(a: &[f64], b: &[f64], abs: f64, rel: f64) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Relative tolerance of f32 kernel outputs (tests/gpu.rs, tests/host_emulation.rs).
+pub const KERNEL_RTOL: f64 = 1e-5;
+
+/// Extra relative tolerance of an output stored in `bf16` (half an ulp, `2^-9`), `f16`
+/// (`2^-12`) or `f32` (none).
+pub fn storage_rtol(name: &str) -> f64 {
+    match name {
+        "bf16" => 2f64.powi(-9),
+        "f16" => 2f64.powi(-12),
+        _ => 0.0,
+    }
+}
+
+/// The kernels' accuracy bound: `|x - r| <= (KERNEL_RTOL + extra) * (|r| + floor)` for every element,
+/// where `floor` is the output's natural scale (1 for probabilities, `|coef|` for gradients
+/// `coef * (p - q)`, `1 + |L|` for losses and diagnostics): f32 arithmetic leaves an absolute
+/// error of a few ulps of that scale even on entries that are themselves near zero. An output
+/// stored in f16 may also be off by half its subnormal spacing, `2^-25`.
+pub fn within(name: &str, got: &[f64], want: &[f64], floor: f64, extra: f64) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{name}: {} elements, expected {}", got.len(), want.len()));
+    }
+    let abs = if extra == storage_rtol("f16") { 2f64.powi(-25) } else { 0.0 };
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = (KERNEL_RTOL + extra) * (w.abs() + floor) + abs;
+        let err = (g - w).abs();
+        if err.is_nan() || err > tol {
+            return Err(format!("{name}[{i}]: kernel {g} vs reference {w} (tolerance {tol:e})"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,676 @@
+//! The CUDA backend (feature `cuda`): the fused TPO kernels behind a safe API.
+//!
+//! The kernels compute exactly what [`crate::cpu`] computes, in f32 arithmetic, for `f32`,
+//! `bf16` or `f16` log-probs (scores and the stored target are `f32`); the gradient is written
+//! in any of the three types ([`DeviceFloat`]). One launch per call does the whole group math:
+//!
+//! * [`CudaTpo::target`]: `q = softmax(log p_old + u / eta)` (plus `H(q)`, `KL(q || p_old)`);
+//! * [`CudaTpo::fit`]: loss, per-group loss and `grad = coef * (sum(q) p - q)` against a stored `q`;
+//! * [`CudaTpo::target_and_fit`]: both, fused (the first epoch), also writing `q`.
+//!
+//! A second small launch reduces the per-group losses to the scalar loss on the device, in a fixed
+//! order. Nothing in these calls allocates or synchronises with the host: outputs are
+//! preallocated ([`CudaTpo::alloc_target`] and friends), everything is ordered on one stream
+//! ([`CudaTpo::stream`]) and can be captured in a CUDA graph. Results are bit-identical run to
+//! run (fixed-order reductions, no float atomics).
+//!
+//! Data errors found on the device (NaN, `+inf`, a group all `-inf`, an infinite loss, an
+//! invalid stored target) are recorded in the output's [`DeviceStatus`] and the affected groups'
+//! outputs are NaN; [`CudaTpo::check`] (which synchronises) turns the status into a [`TpoError`]
+//! naming the first offending element. Shape and configuration errors are returned at once.
+//!
+//! Groups of up to 256 members are processed a warp per group (8 groups per block); larger
+//! groups a block of 512 threads per group. Groups may hold at most 2^24 members.
+
+use crate::config::{Anchor, FitConfig, LossForm, TargetConfig};
+use crate::cpu::GroupStats;
+use crate::error::{Result, TpoError};
+use crate::layout::GroupLayout;
+use crate::scalar::Scalar;
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use half::{bf16, f16};
+use std::sync::Arc;
+
+mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// The architecture the embedded PTX targets (`TPO_CUDA_ARCH` at build time).
+pub const PTX_ARCH: &str = kernels::ARCH;
+
+/// Largest group handled a warp per group; larger groups get a block each.
+pub const WARP_MAX_GROUP: usize = 256;
+/// Largest group size the kernels accept (block-level counts are exact in f32 up to 2^24).
+pub const MAX_GROUP: usize = 1 << 24;
+const WARP_THREADS: u32 = 256;
+const BLOCK_THREADS: u32 = 512;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+/// A storage type the kernels read log-probs in and write gradients in: `f32`, `bf16`, `f16`.
+pub trait DeviceFloat: Scalar + DeviceRepr + ValidAsZeroBits + Default + sealed::Sealed {
+    /// Kernel-name suffix.
+    const SUFFIX: &'static str;
+}
+impl DeviceFloat for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl DeviceFloat for bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+impl DeviceFloat for f16 {
+    const SUFFIX: &'static str = "f16";
+}
+
+/// Kernel parameters; must match `struct TpoParams` in `kernels/tpo.cu` field for field.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Params {
+    logp: u64,
+    logp_old: u64,
+    scores: u64,
+    q_in: u64,
+    offsets: u64,
+    q_out: u64,
+    grad: u64,
+    group_loss: u64,
+    stats: u64,
+    status: u64,
+    num_groups: i64,
+    k: i64,
+    inv_eta: f32,
+    zero_std_threshold: f32,
+    grad_coef: f32,
+    anchored: i32,
+    loss_kl: i32,
+    pad: i32,
+}
+
+// SAFETY: `Params` is `repr(C)`, `Copy`, holds only plain integers and floats (device addresses
+// as u64), and its layout matches the C struct the kernels take by value.
+unsafe impl DeviceRepr for Params {}
+
+/// A layout uploaded to the device once (ragged offsets as `i64`), reused by every call.
+#[derive(Debug)]
+pub struct DeviceLayout {
+    host: GroupLayout,
+    offsets: Option<CudaSlice<i64>>,
+}
+
+impl DeviceLayout {
+    /// The host-side layout.
+    pub fn layout(&self) -> &GroupLayout {
+        &self.host
+    }
+}
+
+/// The device-side error word of one call (see [`CudaTpo::check`]).
+#[derive(Debug)]
+pub struct DeviceStatus(CudaSlice<u64>);
+
+/// Outputs of [`CudaTpo::target`].
+#[derive(Debug)]
+pub struct TargetBuffers {
+    /// The target `q`, one `f32` per member.
+    pub q: CudaSlice<f32>,
+    /// Per-group diagnostics, when allocated: rows of `B` floats, `[H(q), KL(q || p_old)]`.
+    pub stats: Option<CudaSlice<f32>>,
+    /// The call's error word.
+    pub status: DeviceStatus,
+}
+
+/// Outputs of [`CudaTpo::fit`] (and the fit part of [`CudaTpo::target_and_fit`]).
+#[derive(Debug)]
+pub struct FitBuffers<G: DeviceFloat> {
+    /// `d(grad_scale * loss) / d l`, one `G` per member.
+    pub grad: CudaSlice<G>,
+    /// Unreduced per-group loss `L_g`.
+    pub group_loss: CudaSlice<f32>,
+    /// The scalar loss `w * sum_g L_g` (one element), reduced on the device.
+    pub loss: CudaSlice<f32>,
+    /// Per-group diagnostics, when allocated: rows of `B` floats, `[KL(q || p), H(q), |grad|]`
+    /// from `fit`, `[KL(q || p), H(q), KL(q || p_old), |grad|]` from `target_and_fit`.
+    pub stats: Option<CudaSlice<f32>>,
+    /// The call's error word.
+    pub status: DeviceStatus,
+}
+
+/// Outputs of [`CudaTpo::target_and_fit`].
+#[derive(Debug)]
+pub struct FusedBuffers<G: DeviceFloat> {
+    /// The target `q`, to keep for later epochs.
+    pub q: CudaSlice<f32>,
+    /// Loss, per-group loss, gradient, diagnostics and error word.
+    pub fit: FitBuffers<G>,
+}
+
+/// The CUDA backend: a context, a stream and the loaded kernels.
+pub struct CudaTpo {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: std::collections::HashMap<String, CudaFunction>,
+    reduce: CudaFunction,
+    sm_count: u32,
+    nvtx: bool,
+}
+
+impl std::fmt::Debug for CudaTpo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaTpo")
+            .field("device", &self.ctx.ordinal())
+            .field("sm_count", &self.sm_count)
+            .finish()
+    }
+}
+
+fn cuda_err(what: &str, e: DriverError) -> TpoError {
+    TpoError::Cuda(format!("{what}: {e:?}"))
+}
+
+impl CudaTpo {
+    /// Opens GPU `ordinal` on a new stream of its primary context and loads the kernels.
+    ///
+    /// Errors clearly when the machine has no NVIDIA driver, no GPU, or a driver too old for
+    /// the embedded PTX. The context's cross-stream event tracking is turned off: every buffer
+    /// passed to this backend must be used on [`stream`](Self::stream) (or synchronised with it).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only probes whether the driver library can be loaded; loads nothing else.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(TpoError::Cuda(
+                "no NVIDIA driver found (libcuda.so could not be loaded): this machine cannot run the \
+                 CUDA backend; use the CPU reference instead"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(|e| cuda_err("cannot query CUDA devices", e))?;
+        if count <= 0 {
+            return Err(TpoError::Cuda("the NVIDIA driver reports no GPU".into()));
+        }
+        if ordinal >= count as usize {
+            return Err(TpoError::Cuda(format!("GPU {ordinal} requested but only {count} present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("cannot open the GPU", e))?;
+        // SAFETY: all our launches and copies are ordered on one stream, so the per-buffer events
+        // cudarc would record for cross-stream ordering are not needed; turning them off removes
+        // an event record per buffer per launch from the hot path.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| cuda_err("cannot create a stream", e))?;
+        Self::with_stream(stream)
+    }
+
+    /// Uses a caller-given stream (and its context). All calls are ordered on it. If the
+    /// context tracks events across streams (cudarc's default), this backend does not record its
+    /// launches in that tracking: order other streams against this one yourself.
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
+        let ptx =
+            kernels::PTX.iter().find(|(n, _)| *n == "tpo").map(|(_, p)| *p).expect("tpo.cu is embedded");
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| {
+            if e.0 == sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+                TpoError::Cuda(format!(
+                    "the driver cannot load the kernels' PTX ({PTX_ARCH}): it was built by a CUDA toolkit \
+                     newer than this driver supports; rebuild with an nvcc no newer than the driver's CUDA \
+                     version (scripts/install-nvcc.sh pins 13.0) or update the driver"
+                ))
+            } else {
+                cuda_err("cannot load the TPO kernels", e)
+            }
+        })?;
+        let reduce = module.load_function("tpo_reduce_loss").map_err(|e| cuda_err("missing kernel", e))?;
+        // Look every entry point up once, so launches do no name lookups.
+        let mut kernels = std::collections::HashMap::new();
+        let types = ["f32", "bf16", "f16"];
+        for path in ["warp", "block"] {
+            for t in types {
+                let mut names = vec![format!("tpo_target_{path}_{t}")];
+                for g in types {
+                    names.push(format!("tpo_fit_{path}_{t}_{g}"));
+                    names.push(format!("tpo_fused_{path}_{t}_{g}"));
+                }
+                for n in names {
+                    let f =
+                        module.load_function(&n).map_err(|e| cuda_err(&format!("missing kernel {n}"), e))?;
+                    kernels.insert(n, f);
+                }
+            }
+        }
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| cuda_err("cannot query the GPU", e))? as u32;
+        // SAFETY: only probes whether libnvToolsExt can be loaded; without it no range is emitted.
+        let nvtx = unsafe { cudarc::nvtx::sys::is_culib_present() };
+        Ok(Self { ctx, stream, kernels, reduce, sm_count, nvtx })
+    }
+
+    /// The stream every call is ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> Result<String> {
+        self.ctx.name().map_err(|e| cuda_err("cannot query the GPU name", e))
+    }
+
+    /// Copies a host slice to a new device buffer (asynchronous on the stream).
+    pub fn to_device<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(|e| cuda_err("host-to-device copy", e))
+    }
+
+    /// Copies host data into an existing device buffer of the same length.
+    pub fn copy_to_device<T: DeviceRepr>(&self, host: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+        if host.len() != dst.len() {
+            return Err(TpoError::LengthMismatch { name: "host data", got: host.len(), expected: dst.len() });
+        }
+        self.stream.memcpy_htod(host, dst).map_err(|e| cuda_err("host-to-device copy", e))
+    }
+
+    /// Copies a device buffer to the host (synchronises the stream).
+    pub fn to_host<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(dev).map_err(|e| cuda_err("device-to-host copy", e))
+    }
+
+    /// Waits for all work queued on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| cuda_err("stream synchronisation", e))
+    }
+
+    /// Uploads a layout once.
+    pub fn layout(&self, layout: &GroupLayout) -> Result<DeviceLayout> {
+        let max = layout.max_group_size();
+        if max > MAX_GROUP {
+            return Err(TpoError::BadOffsets(format!(
+                "a group of {max} members exceeds the CUDA kernels' limit of {MAX_GROUP}"
+            )));
+        }
+        let offsets = match layout.uniform_size() {
+            Some(_) => None,
+            None => Some(self.to_device(&layout.offsets().iter().map(|&o| o as i64).collect::<Vec<_>>())?),
+        };
+        Ok(DeviceLayout { host: layout.clone(), offsets })
+    }
+
+    fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros(n.max(1)).map_err(|e| cuda_err("device allocation", e))
+    }
+
+    fn status(&self) -> Result<DeviceStatus> {
+        Ok(DeviceStatus(self.zeros(1)?))
+    }
+
+    /// Allocates the outputs of [`target`](Self::target), once.
+    pub fn alloc_target(&self, layout: &DeviceLayout, stats: bool) -> Result<TargetBuffers> {
+        let b = layout.host.num_groups();
+        Ok(TargetBuffers {
+            q: self.zeros(layout.host.len())?,
+            stats: if stats { Some(self.zeros(2 * b)?) } else { None },
+            status: self.status()?,
+        })
+    }
+
+    /// Allocates the outputs of [`fit`](Self::fit), once.
+    pub fn alloc_fit<G: DeviceFloat>(&self, layout: &DeviceLayout, stats: bool) -> Result<FitBuffers<G>> {
+        self.alloc_fit_rows(layout, if stats { 3 } else { 0 })
+    }
+
+    /// Allocates the outputs of [`target_and_fit`](Self::target_and_fit), once.
+    pub fn alloc_fused<G: DeviceFloat>(&self, layout: &DeviceLayout, stats: bool) -> Result<FusedBuffers<G>> {
+        Ok(FusedBuffers {
+            q: self.zeros(layout.host.len())?,
+            fit: self.alloc_fit_rows(layout, if stats { 4 } else { 0 })?,
+        })
+    }
+
+    fn alloc_fit_rows<G: DeviceFloat>(&self, layout: &DeviceLayout, rows: usize) -> Result<FitBuffers<G>> {
+        let b = layout.host.num_groups();
+        Ok(FitBuffers {
+            grad: self.zeros(layout.host.len())?,
+            group_loss: self.zeros(b)?,
+            loss: self.zeros(1)?,
+            stats: if rows > 0 { Some(self.zeros(rows * b)?) } else { None },
+            status: self.status()?,
+        })
+    }
+
+    /// Builds the target `q` on the device (see [`crate::cpu::target`]).
+    pub fn target<T: DeviceFloat>(
+        &self,
+        logp_old: &CudaSlice<T>,
+        scores: &CudaSlice<f32>,
+        layout: &DeviceLayout,
+        cfg: &TargetConfig,
+        out: &mut TargetBuffers,
+    ) -> Result<()> {
+        cfg.validate()?;
+        let l = &layout.host;
+        l.check_len("logp_old", logp_old.len())?;
+        l.check_len("scores", scores.len())?;
+        l.check_len("target output", out.q.len())?;
+        check_rows(out.stats.as_ref(), 2, l.num_groups())?;
+        let _range = self.range("tpo::target");
+        self.reset(&mut out.status)?;
+        let s = &self.stream;
+        let (p_old, _a) = logp_old.device_ptr(s);
+        let (p_s, _b) = scores.device_ptr(s);
+        let (p_q, _c) = out.q.device_ptr_mut(s);
+        let (p_st, _d) = opt_ptr_mut(out.stats.as_mut(), s);
+        let (p_status, _e) = out.status.0.device_ptr_mut(s);
+        let (p_off, _f) = opt_ptr(layout.offsets.as_ref(), s);
+        let params = Params {
+            logp: 0,
+            logp_old: p_old,
+            scores: p_s,
+            q_in: 0,
+            offsets: p_off,
+            q_out: p_q,
+            grad: 0,
+            group_loss: 0,
+            stats: p_st,
+            status: p_status,
+            num_groups: l.num_groups() as i64,
+            k: l.uniform_size().unwrap_or(0) as i64,
+            inv_eta: (1.0 / cfg.eta) as f32,
+            zero_std_threshold: cfg.zero_std_threshold as f32,
+            grad_coef: 0.0,
+            anchored: i32::from(cfg.anchor == Anchor::Anchored),
+            loss_kl: 0,
+            pad: 0,
+        };
+        self.launch_group("target", T::SUFFIX, None, l, params)
+    }
+
+    /// Fits `logp` to a stored target `q` on the device (see [`crate::cpu::fit`]); also reduces
+    /// the scalar loss into `out.loss`.
+    pub fn fit<T: DeviceFloat, G: DeviceFloat>(
+        &self,
+        logp: &CudaSlice<T>,
+        q: &CudaSlice<f32>,
+        layout: &DeviceLayout,
+        cfg: &FitConfig,
+        out: &mut FitBuffers<G>,
+    ) -> Result<()> {
+        let l = &layout.host;
+        let w = cfg.validate(l.num_groups())?;
+        l.check_len("logp", logp.len())?;
+        l.check_len("target", q.len())?;
+        self.check_fit_outputs(out, l, cfg, 3)?;
+        let _range = self.range("tpo::fit");
+        self.reset(&mut out.status)?;
+        let s = &self.stream;
+        let (p_l, _a) = logp.device_ptr(s);
+        let (p_q, _b) = q.device_ptr(s);
+        let (p_off, _f) = opt_ptr(layout.offsets.as_ref(), s);
+        let params = Params { logp: p_l, q_in: p_q, offsets: p_off, ..self.fit_params(l, cfg, w, out) };
+        self.launch_group("fit", T::SUFFIX, Some(G::SUFFIX), l, params)?;
+        self.reduce_loss(&out.group_loss, w, &mut out.loss)
+    }
+
+    /// The fused first-epoch call (see [`crate::cpu::target_and_fit`]): builds `q` from
+    /// `logp_old` (or from `logp` when `None`: on-policy) and fits `logp` to it in one launch,
+    /// writing `q`, the gradient, the losses and (when allocated) the diagnostics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn target_and_fit<T: DeviceFloat, G: DeviceFloat>(
+        &self,
+        logp: &CudaSlice<T>,
+        logp_old: Option<&CudaSlice<T>>,
+        scores: &CudaSlice<f32>,
+        layout: &DeviceLayout,
+        tcfg: &TargetConfig,
+        fcfg: &FitConfig,
+        out: &mut FusedBuffers<G>,
+    ) -> Result<()> {
+        tcfg.validate()?;
+        let l = &layout.host;
+        let w = fcfg.validate(l.num_groups())?;
+        l.check_len("logp", logp.len())?;
+        if let Some(o) = logp_old {
+            l.check_len("logp_old", o.len())?;
+        }
+        l.check_len("scores", scores.len())?;
+        l.check_len("target output", out.q.len())?;
+        self.check_fit_outputs(&out.fit, l, fcfg, 4)?;
+        let _range = self.range("tpo::target_and_fit");
+        self.reset(&mut out.fit.status)?;
+        let s = &self.stream;
+        let (p_l, _a) = logp.device_ptr(s);
+        let (p_old, _b) = opt_ptr(logp_old, s);
+        let (p_s, _c) = scores.device_ptr(s);
+        let (p_q, _d) = out.q.device_ptr_mut(s);
+        let (p_off, _f) = opt_ptr(layout.offsets.as_ref(), s);
+        let params = Params {
+            logp: p_l,
+            logp_old: p_old,
+            scores: p_s,
+            q_out: p_q,
+            offsets: p_off,
+            inv_eta: (1.0 / tcfg.eta) as f32,
+            zero_std_threshold: tcfg.zero_std_threshold as f32,
+            anchored: i32::from(tcfg.anchor == Anchor::Anchored),
+            ..self.fit_params(l, fcfg, w, &mut out.fit)
+        };
+        self.launch_group("fused", T::SUFFIX, Some(G::SUFFIX), l, params)?;
+        self.reduce_loss(&out.fit.group_loss, w, &mut out.fit.loss)
+    }
+
+    /// Synchronises the stream, reads a call's error word and returns the first data error it
+    /// recorded (the smallest offending flat index), or `Ok(())`.
+    pub fn check(&self, status: &DeviceStatus, layout: &DeviceLayout) -> Result<()> {
+        let word = self.to_host(&status.0)?[0];
+        crate::status::decode_status(word, &layout.host)
+    }
+
+    /// Downloads diagnostics written by [`fit`](Self::fit) or [`target_and_fit`](Self::target_and_fit)
+    /// into the CPU reference's [`GroupStats`] (synchronises).
+    pub fn stats_to_host<G: DeviceFloat>(
+        &self,
+        out: &FitBuffers<G>,
+        layout: &DeviceLayout,
+    ) -> Result<Option<GroupStats>> {
+        let Some(st) = out.stats.as_ref() else { return Ok(None) };
+        let b = layout.host.num_groups();
+        let v: Vec<f64> = self.to_host(st)?.into_iter().map(f64::from).collect();
+        let row = |i: usize| v[i * b..(i + 1) * b].to_vec();
+        Ok(Some(if v.len() == 4 * b {
+            GroupStats { kl_q_p: row(0), entropy_q: row(1), kl_q_pold: Some(row(2)), grad_norm: row(3) }
+        } else {
+            GroupStats { kl_q_p: row(0), entropy_q: row(1), kl_q_pold: None, grad_norm: row(2) }
+        }))
+    }
+
+    fn fit_params<G: DeviceFloat>(
+        &self,
+        l: &GroupLayout,
+        cfg: &FitConfig,
+        w: f64,
+        out: &mut FitBuffers<G>,
+    ) -> Params {
+        let s = &self.stream;
+        // Raw addresses only; the buffers outlive the launch that follows on the same stream.
+        let (p_g, _a) = out.grad.device_ptr_mut(s);
+        let (p_gl, _b) = out.group_loss.device_ptr_mut(s);
+        let (p_st, _c) = opt_ptr_mut(out.stats.as_mut(), s);
+        let (p_status, _d) = out.status.0.device_ptr_mut(s);
+        Params {
+            logp: 0,
+            logp_old: 0,
+            scores: 0,
+            q_in: 0,
+            offsets: 0,
+            q_out: 0,
+            grad: p_g,
+            group_loss: p_gl,
+            stats: p_st,
+            status: p_status,
+            num_groups: l.num_groups() as i64,
+            k: l.uniform_size().unwrap_or(0) as i64,
+            inv_eta: 1.0,
+            zero_std_threshold: 0.0,
+            grad_coef: (cfg.grad_scale * w) as f32,
+            anchored: 1,
+            loss_kl: i32::from(cfg.form == LossForm::Kl),
+            pad: 0,
+        }
+    }
+
+    fn check_fit_outputs<G: DeviceFloat>(
+        &self,
+        out: &FitBuffers<G>,
+        l: &GroupLayout,
+        cfg: &FitConfig,
+        rows: usize,
+    ) -> Result<()> {
+        l.check_len("gradient output", out.grad.len())?;
+        if out.group_loss.len() != l.num_groups() {
+            return Err(TpoError::LengthMismatch {
+                name: "group_loss output",
+                got: out.group_loss.len(),
+                expected: l.num_groups(),
+            });
+        }
+        if cfg.diagnostics && out.stats.is_none() {
+            return Err(TpoError::BadConfig {
+                name: "diagnostics (outputs allocated without stats)",
+                requirement: "allocated with stats = true",
+                got: 0.0,
+            });
+        }
+        check_rows(out.stats.as_ref(), rows, l.num_groups())
+    }
+
+    fn range(&self, name: &str) -> Option<cudarc::nvtx::Range> {
+        self.nvtx.then(|| cudarc::nvtx::scoped_range(name))
+    }
+
+    fn reset(&self, status: &mut DeviceStatus) -> Result<()> {
+        self.stream.memset_zeros(&mut status.0).map_err(|e| cuda_err("clearing the status word", e))
+    }
+
+    fn launch_group(
+        &self,
+        kind: &str,
+        t: &str,
+        g: Option<&str>,
+        l: &GroupLayout,
+        params: Params,
+    ) -> Result<()> {
+        let b = l.num_groups() as u64;
+        let warp = l.max_group_size() <= WARP_MAX_GROUP;
+        let (path, threads, grid) = if warp {
+            let groups_per_block = u64::from(WARP_THREADS / 32);
+            ("warp", WARP_THREADS, b.div_ceil(groups_per_block).min(u64::from(self.sm_count) * 32))
+        } else {
+            ("block", BLOCK_THREADS, b.min(u64::from(self.sm_count) * 4))
+        };
+        let name = match g {
+            Some(g) => format!("tpo_{kind}_{path}_{t}_{g}"),
+            None => format!("tpo_{kind}_{path}_{t}"),
+        };
+        let f = self.kernels.get(&name).ok_or_else(|| TpoError::Cuda(format!("missing kernel {name}")))?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid.max(1) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = self.stream.launch_builder(f);
+        builder.arg(&params);
+        // SAFETY: every address in `params` belongs to a live buffer whose length was checked against
+        // the layout above (per-member buffers hold `layout.len()` elements, per-group ones
+        // `num_groups` or `rows * num_groups`, offsets `num_groups + 1`); the kernel reads and
+        // writes only within those bounds, and all buffers are ordered on this stream.
+        unsafe { builder.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
+        Ok(())
+    }
+
+    fn reduce_loss(&self, group_loss: &CudaSlice<f32>, w: f64, loss: &mut CudaSlice<f32>) -> Result<()> {
+        let n = group_loss.len() as i64;
+        let mut builder = self.stream.launch_builder(&self.reduce);
+        builder.arg(group_loss).arg(&n).arg(&w).arg(loss);
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the kernel reads `n` = group_loss.len() floats and writes one float to `loss`
+        // (allocated with at least one element); a single block of 1024 threads as it expects.
+        unsafe { builder.launch(cfg) }.map_err(|e| cuda_err("launching tpo_reduce_loss", e))?;
+        Ok(())
+    }
+}
+
+/// The `(address, guard)` of an optional buffer, 0 when absent.
+fn opt_ptr<'a, T>(
+    s: Option<&'a CudaSlice<T>>,
+    stream: &'a CudaStream,
+) -> (u64, Option<cudarc::driver::SyncOnDrop<'a>>) {
+    match s {
+        Some(s) => {
+            let (p, g) = s.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+fn opt_ptr_mut<'a, T>(
+    s: Option<&'a mut CudaSlice<T>>,
+    stream: &'a CudaStream,
+) -> (u64, Option<cudarc::driver::SyncOnDrop<'a>>) {
+    match s {
+        Some(s) => {
+            let (p, g) = s.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+fn check_rows(stats: Option<&CudaSlice<f32>>, rows: usize, b: usize) -> Result<()> {
+    match stats {
+        Some(s) if s.len() != rows * b => {
+            Err(TpoError::LengthMismatch { name: "stats output", got: s.len(), expected: rows * b })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// [`TpoBackend`](crate::experiments::tabular::TpoBackend) for the tabular experiments on the GPU:
+/// each call uploads the logits (as f32), runs [`CudaTpo::target_and_fit`] on-policy with the sum
+/// reduction, checks the status and downloads the gradient.
+pub struct TabularCudaBackend {
+    tpo: std::sync::Mutex<CudaTpo>,
+}
+
+impl TabularCudaBackend {
+    /// Opens GPU 0.
+    pub fn new() -> Result<Self> {
+        Ok(Self { tpo: std::sync::Mutex::new(CudaTpo::new(0)?) })
+    }
+}
+
+impl crate::experiments::tabular::TpoBackend for TabularCudaBackend {
+    fn on_policy_grad(
+        &self,
+        logits: &[f64],
+        scores: &[f64],
+        layout: &GroupLayout,
+        eta: f64,
+    ) -> Result<Vec<f64>> {
+        let tpo = self.tpo.lock().map_err(|_| TpoError::Cuda("a previous GPU call panicked".into()))?;
+        let dl = tpo.layout(layout)?;
+        let l: Vec<f32> = logits.iter().map(|&x| x as f32).collect();
+        let s: Vec<f32> = scores.iter().map(|&x| x as f32).collect();
+        let (l, s) = (tpo.to_device(&l)?, tpo.to_device(&s)?);
+        let mut out = tpo.alloc_fused::<f32>(&dl, false)?;
+        let fit = FitConfig { reduction: crate::Reduction::Sum, ..FitConfig::default() };
+        tpo.target_and_fit(&l, None, &s, &dl, &TargetConfig::with_eta(eta), &fit, &mut out)?;
+        tpo.check(&out.fit.status, &dl)?;
+        Ok(tpo.to_host(&out.fit.grad)?.into_iter().map(f64::from).collect())
+    }
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+}

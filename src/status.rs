@@ -1,0 +1,39 @@
+//! The error word the CUDA kernels write, and its decoding into a [`TpoError`].
+//!
+//! A kernel that meets bad data records `((MAX_INDEX - index) << 8) | code` for the offending
+//! flat index with an integer `atomicMax`, so the word ends up naming the smallest offending
+//! index, whatever the scheduling. The codes are `TpoErrorCode` in `kernels/tpo_common.cuh`.
+
+use crate::error::{Result, TpoError};
+use crate::layout::GroupLayout;
+
+/// The largest flat index the status word can carry (kernels/tpo_common.cuh).
+pub const MAX_INDEX: u64 = (1 << 55) - 1;
+
+/// Turns a status word into the error it records (see `TpoErrorCode` in kernels/tpo_common.cuh).
+pub fn decode_status(word: u64, layout: &GroupLayout) -> Result<()> {
+    if word == 0 {
+        return Ok(());
+    }
+    let code = (word & 0xff) as u32;
+    let index = (MAX_INDEX - (word >> 8)) as usize;
+    let group = || match layout.uniform_size() {
+        Some(k) => index / k,
+        None => layout.offsets().partition_point(|&o| o <= index).saturating_sub(1),
+    };
+    let device = |name: &'static str, problem: &'static str| TpoError::DeviceInput { name, index, problem };
+    Err(match code {
+        1 => device("logp", "NaN or +inf: log-probs must be finite, or -inf to exclude a member"),
+        2 => device("logp_old", "NaN or +inf: log-probs must be finite, or -inf to exclude a member"),
+        3 => device("scores", "not finite: scores must be finite"),
+        4 => TpoError::AllExcluded { name: "logp_old", group: group() },
+        5 => TpoError::AllExcluded { name: "logp", group: group() },
+        6 => device("logp", "-inf where the target is positive: the cross-entropy is infinite"),
+        7 => device("target", "negative or not finite: a target holds probabilities in [0, 1]"),
+        8 => TpoError::BadTarget(format!(
+            "group {} does not sum to 1 (within 0.01): pass the output of target()",
+            group()
+        )),
+        other => TpoError::Cuda(format!("unknown device status code {other} at index {index}")),
+    })
+}

@@ -1,0 +1,427 @@
+//! GPU suite: every kernel against the f64 CPU reference on proptest inputs.
+//!
+//! Built only with `--features cuda`. It needs a GPU: without one every test FAILS (it never
+//! silently passes). CI only compiles it; `scripts/gpu-run.sh` runs it on a GPU machine.
+//!
+//! Tolerances. The reference is computed on exactly the values the GPU reads (bf16/f16 inputs
+//! are widened exactly), so input rounding plays no part; the kernels compute in f32. Every
+//! output element must satisfy `|x - r| <= 1e-5 * (|r| + scale)` (`common::within`), the scale
+//! being the output's natural one: 1 for the target, `|grad_scale * w|` for gradients
+//! `coef * (p - q)`, `1 + max|L|` for losses and diagnostics, 0 for the scalar loss (purely
+//! relative). Gradients written in bf16 / f16 are additionally allowed their storage rounding:
+//! half an ulp, `2^-9` / `2^-12` relative (and, for f16, half the subnormal spacing, `2^-25`).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::*;
+use cudarc::driver::CudaSlice;
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use std::sync::OnceLock;
+use tpo::cuda::{CudaTpo, DeviceFloat, DeviceLayout};
+use tpo::{bf16, cpu, f16, Anchor, FitConfig, GroupLayout, LossForm, Reduction, TargetConfig};
+
+fn gpu() -> &'static std::sync::Mutex<CudaTpo> {
+    static GPU: OnceLock<std::sync::Mutex<CudaTpo>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let t = CudaTpo::new(0).unwrap_or_else(|e| panic!("the GPU suite needs a CUDA GPU and driver: {e}"));
+        std::sync::Mutex::new(t)
+    })
+}
+
+/// Fills a device buffer with a NaN pattern so unwritten elements fail the comparison.
+fn poison<T: DeviceFloat>(tpo: &CudaTpo, buf: &mut CudaSlice<T>) {
+    let v = vec![T::from_f64(f64::NAN); buf.len()];
+    tpo.copy_to_device(&v, buf).unwrap();
+}
+
+fn poison_opt(tpo: &CudaTpo, buf: Option<&mut CudaSlice<f32>>) {
+    if let Some(b) = buf {
+        poison(tpo, b);
+    }
+}
+
+fn host<T: DeviceFloat>(tpo: &CudaTpo, buf: &CudaSlice<T>) -> Vec<f64> {
+    tpo.to_host(buf).unwrap().into_iter().map(|x| x.to_f64()).collect()
+}
+
+fn compare(name: &str, got: &[f64], want: &[f64], floor: f64, extra: f64) -> Result<(), TestCaseError> {
+    within(name, got, want, floor, extra).map_err(TestCaseError::fail)
+}
+
+fn to_dev<T: DeviceFloat>(tpo: &CudaTpo, v: &[f64]) -> (CudaSlice<T>, Vec<T>) {
+    let h: Vec<T> = v.iter().map(|&x| T::from_f64(x)).collect();
+    (tpo.to_device(&h).unwrap(), h)
+}
+
+/// Runs target_and_fit on the GPU twice (outputs poisoned before each launch), requires
+/// bit-identical results, and compares with the reference computed on the same stored values.
+fn check_fused<T: DeviceFloat, G: DeviceFloat>(
+    b: &Batch,
+    with_old: bool,
+    tc: &TargetConfig,
+    fc: &FitConfig,
+) -> Result<(), TestCaseError> {
+    let tpo = gpu().lock().unwrap();
+    let layout = b.layout();
+    let dl = tpo.layout(&layout).unwrap();
+    let (l, lh) = to_dev::<T>(&tpo, &b.logp);
+    let (lo, loh) = to_dev::<T>(&tpo, &b.logp_old);
+    let sh: Vec<f32> = b.scores.iter().map(|&x| x as f32).collect();
+    let s = tpo.to_device(&sh).unwrap();
+    let mut out = tpo.alloc_fused::<G>(&dl, fc.diagnostics).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        poison(&tpo, &mut out.q);
+        poison(&tpo, &mut out.fit.grad);
+        poison(&tpo, &mut out.fit.group_loss);
+        poison(&tpo, &mut out.fit.loss);
+        poison_opt(&tpo, out.fit.stats.as_mut());
+        tpo.target_and_fit(&l, with_old.then_some(&lo), &s, &dl, tc, fc, &mut out).unwrap();
+        tpo.check(&out.fit.status, &dl).unwrap();
+        let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+        runs.push((
+            bits(host(&tpo, &out.q)),
+            bits(host(&tpo, &out.fit.grad)),
+            bits(host(&tpo, &out.fit.group_loss)),
+            bits(host(&tpo, &out.fit.loss)),
+            out.fit.stats.as_ref().map(|s| bits(host(&tpo, s))),
+        ));
+    }
+    prop_assert!(runs[0] == runs[1], "two runs on the same inputs differ");
+    let want = cpu::target_and_fit(&lh, with_old.then_some(&loh[..]), &sh, &layout, tc, fc).unwrap();
+    let coef = (fc.grad_scale * fc.reduction.weight(layout.num_groups()).unwrap()).abs();
+    let lscale = 1.0 + want.fit.group_loss.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let storage = storage_rtol(G::NAME);
+    compare("target", &host(&tpo, &out.q), &want.target, 1.0, 0.0)?;
+    compare("grad", &host(&tpo, &out.fit.grad), &want.fit.grad, coef, storage)?;
+    compare("group_loss", &host(&tpo, &out.fit.group_loss), &want.fit.group_loss, lscale, 0.0)?;
+    compare("loss", &host(&tpo, &out.fit.loss), &[want.fit.loss], 0.0, 0.0)?;
+    if fc.diagnostics {
+        let got = tpo.stats_to_host(&out.fit, &dl).unwrap().unwrap();
+        let w = want.fit.stats.unwrap();
+        compare("kl_q_p", &got.kl_q_p, &w.kl_q_p, lscale, 0.0)?;
+        compare("entropy_q", &got.entropy_q, &w.entropy_q, lscale, 0.0)?;
+        compare("kl_q_pold", &got.kl_q_pold.unwrap(), &w.kl_q_pold.unwrap(), lscale, 0.0)?;
+        compare("grad_norm", &got.grad_norm, &w.grad_norm, coef, storage)?;
+    }
+    Ok(())
+}
+
+/// Target only, then fit only against the GPU's own stored target (as in multi-epoch training).
+fn check_split<T: DeviceFloat, G: DeviceFloat>(
+    b: &Batch,
+    tc: &TargetConfig,
+    fc: &FitConfig,
+) -> Result<(), TestCaseError> {
+    let tpo = gpu().lock().unwrap();
+    let layout = b.layout();
+    let dl: DeviceLayout = tpo.layout(&layout).unwrap();
+    let (l, lh) = to_dev::<T>(&tpo, &b.logp);
+    let (lo, loh) = to_dev::<T>(&tpo, &b.logp_old);
+    let sh: Vec<f32> = b.scores.iter().map(|&x| x as f32).collect();
+    let s = tpo.to_device(&sh).unwrap();
+    let mut t = tpo.alloc_target(&dl, true).unwrap();
+    poison(&tpo, &mut t.q);
+    poison_opt(&tpo, t.stats.as_mut());
+    tpo.target(&lo, &s, &dl, tc, &mut t).unwrap();
+    tpo.check(&t.status, &dl).unwrap();
+    let want_q = cpu::target(&loh, &sh, &layout, tc).unwrap();
+    let q_gpu = host(&tpo, &t.q);
+    compare("target", &q_gpu, &want_q, 1.0, 0.0)?;
+    let st = host(&tpo, t.stats.as_ref().unwrap());
+    let bn = layout.num_groups();
+    for (g, r) in layout.ranges().enumerate() {
+        let q = &want_q[r.clone()];
+        let ent: f64 = q.iter().filter(|&&x| x > 0.0).map(|x| -x * x.ln()).sum();
+        prop_assert!((st[g] - ent).abs() <= 1e-4 * (1.0 + ent), "entropy {} vs {}", st[g], ent);
+        prop_assert!(st[bn + g].is_finite());
+    }
+    // Fit against the stored (f32) target, as later epochs do, scaled so it sums to 1.004: the
+    // gradient is sum(q) p - q, which the kernel must honour.
+    let scaled: Vec<f32> = tpo.to_host(&t.q).unwrap().iter().map(|x| x * 1.004).collect();
+    tpo.copy_to_device(&scaled, &mut t.q).unwrap();
+    let mut f = tpo.alloc_fit::<G>(&dl, fc.diagnostics).unwrap();
+    poison(&tpo, &mut f.grad);
+    poison(&tpo, &mut f.group_loss);
+    poison(&tpo, &mut f.loss);
+    poison_opt(&tpo, f.stats.as_mut());
+    tpo.fit(&l, &t.q, &dl, fc, &mut f).unwrap();
+    tpo.check(&f.status, &dl).unwrap();
+    let q32: Vec<f32> = tpo.to_host(&t.q).unwrap();
+    let want = cpu::fit(&lh, &q32, &layout, fc).unwrap();
+    let coef = (fc.grad_scale * fc.reduction.weight(layout.num_groups()).unwrap()).abs();
+    let lscale = 1.0 + want.group_loss.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    compare("fit grad", &host(&tpo, &f.grad), &want.grad, coef, storage_rtol(G::NAME))?;
+    compare("fit group_loss", &host(&tpo, &f.group_loss), &want.group_loss, lscale, 0.0)?;
+    compare("fit loss", &host(&tpo, &f.loss), &[want.loss], 0.0, 0.0)?;
+    if fc.diagnostics {
+        let got = tpo.stats_to_host(&f, &dl).unwrap().unwrap();
+        prop_assert!(got.kl_q_pold.is_none());
+        compare(
+            "fit grad_norm",
+            &got.grad_norm,
+            &want.stats.unwrap().grad_norm,
+            coef,
+            storage_rtol(G::NAME),
+        )?;
+    }
+    Ok(())
+}
+
+fn configs() -> impl Strategy<Value = (TargetConfig, FitConfig)> {
+    (
+        prop_oneof![Just(1.0), 0.1..10.0f64],
+        any::<bool>(),
+        prop_oneof![Just(LossForm::CrossEntropy), Just(LossForm::Kl)],
+        prop_oneof![
+            Just(Reduction::Mean),
+            Just(Reduction::Sum),
+            (1.0..1e4f64).prop_map(Reduction::GlobalMean)
+        ],
+        -3.0..3.0f64,
+        any::<bool>(),
+    )
+        .prop_map(|(eta, anchored, form, reduction, grad_scale, diagnostics)| {
+            (
+                TargetConfig {
+                    eta,
+                    anchor: if anchored { Anchor::Anchored } else { Anchor::NoAnchor },
+                    ..TargetConfig::default()
+                },
+                FitConfig { form, reduction, grad_scale, diagnostics },
+            )
+        })
+}
+
+/// Log-probs of thousands in magnitude, with -inf exclusions in some members (never a whole group).
+fn extreme_batch() -> impl Strategy<Value = Batch> {
+    (batch(1..=8, 1..=64, -20.0, 0.0), -5000.0..5000.0f64, prop::collection::vec(any::<bool>(), 64)).prop_map(
+        |(mut b, offset, drop)| {
+            let layout = b.layout();
+            for r in layout.ranges() {
+                for i in r.clone() {
+                    b.logp[i] += offset;
+                    b.logp_old[i] += offset;
+                    if i > r.start && drop[i % 64] {
+                        b.logp_old[i] = f64::NEG_INFINITY;
+                        b.logp[i] = f64::NEG_INFINITY;
+                    }
+                }
+            }
+            b
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn fused_f32(b in small_batch(), with_old in any::<bool>(), (tc, fc) in configs()) {
+        check_fused::<f32, f32>(&b, with_old, &tc, &fc)?;
+    }
+
+    #[test]
+    fn fused_bf16_grad_f32(b in small_batch(), with_old in any::<bool>(), (tc, fc) in configs()) {
+        check_fused::<bf16, f32>(&b, with_old, &tc, &fc)?;
+    }
+
+    #[test]
+    fn fused_bf16_grad_bf16(b in small_batch(), (tc, fc) in configs()) {
+        check_fused::<bf16, bf16>(&b, true, &tc, &fc)?;
+    }
+
+    #[test]
+    fn fused_f16_grad_f16(b in batch(1..=6, 1..=12, -8.0, 0.0), (tc, fc) in configs()) {
+        // f16 holds log-probs only in a small range (max 65504, ~3 digits).
+        check_fused::<f16, f16>(&b, true, &tc, &fc)?;
+    }
+
+    #[test]
+    fn fused_extreme_magnitudes_and_exclusions(b in extreme_batch(), (tc, fc) in configs()) {
+        check_fused::<f32, f32>(&b, true, &tc, &fc)?;
+    }
+
+    #[test]
+    fn split_target_then_fit(b in small_batch(), (tc, fc) in configs()) {
+        check_split::<f32, f32>(&b, &tc, &fc)?;
+        check_split::<bf16, bf16>(&b, &tc, &fc)?;
+    }
+
+    #[test]
+    fn zero_variance_groups_on_policy_have_zero_gradient(b in small_batch(), v in -3.0..3.0f64) {
+        let mut b = b;
+        b.scores = vec![v; b.len()];
+        check_fused::<f32, f32>(&b, false, &TargetConfig::default(), &FitConfig::default())?;
+        let tpo = gpu().lock().unwrap();
+        let layout = b.layout();
+        let dl = tpo.layout(&layout).unwrap();
+        let (l, _) = to_dev::<f32>(&tpo, &b.logp);
+        let s = tpo.to_device(&vec![v as f32; b.len()]).unwrap();
+        let mut out = tpo.alloc_fused::<f32>(&dl, false).unwrap();
+        tpo.target_and_fit(&l, None, &s, &dl, &TargetConfig::default(), &FitConfig::default(), &mut out).unwrap();
+        prop_assert!(host(&tpo, &out.fit.grad).iter().all(|g| g.abs() < 1e-6));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(6))]
+
+    #[test]
+    fn large_groups_use_the_block_path(k in prop_oneof![257usize..2000, 20_000usize..100_001], groups in 1usize..4, seed in any::<u64>(), (tc, fc) in configs()) {
+        let mut rng = tpo::experiments::rng::Rng::new(seed);
+        let n = k * groups;
+        let b = Batch {
+            sizes: vec![k; groups],
+            logp_old: (0..n).map(|_| -30.0 * rng.uniform()).collect(),
+            logp: (0..n).map(|_| -30.0 * rng.uniform()).collect(),
+            scores: (0..n).map(|_| if rng.uniform() < 0.05 { 1.0 } else { 0.0 }).collect(),
+        };
+        check_fused::<f32, f32>(&b, true, &tc, &fc)?;
+        check_fused::<bf16, f32>(&b, false, &tc, &fc)?;
+    }
+}
+
+fn random_batch(sizes: Vec<usize>, seed: u64) -> Batch {
+    let mut rng = tpo::experiments::rng::Rng::new(seed);
+    let n: usize = sizes.iter().sum();
+    Batch {
+        sizes,
+        logp_old: (0..n).map(|_| -300.0 * rng.uniform()).collect(),
+        logp: (0..n).map(|_| -300.0 * rng.uniform()).collect(),
+        scores: (0..n).map(|_| rng.uniform().round()).collect(),
+    }
+}
+
+#[test]
+fn a_million_groups() {
+    let b = random_batch(vec![2; 1_000_000], 1);
+    check_fused::<f32, f32>(
+        &b,
+        true,
+        &TargetConfig::default(),
+        &FitConfig { diagnostics: true, ..FitConfig::default() },
+    )
+    .unwrap();
+}
+
+#[test]
+fn groups_of_one_and_mixed_sizes() {
+    let b = random_batch(vec![1; 4096], 2);
+    check_fused::<f32, f32>(&b, true, &TargetConfig::default(), &FitConfig::default()).unwrap();
+    // Ragged, crossing the warp/block threshold in one launch (block path for all).
+    let b = random_batch(vec![1, 3, 256, 257, 1000, 2, 64, 5000], 3);
+    check_fused::<bf16, bf16>(&b, true, &TargetConfig::default(), &FitConfig::default()).unwrap();
+    check_split::<f16, f32>(
+        &random_batch(vec![7, 1, 300, 2], 4).scaled(0.02),
+        &TargetConfig::default(),
+        &FitConfig::default(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn benchmark_shape_262144_by_64() {
+    let b = random_batch(vec![64; 262_144], 5);
+    check_fused::<bf16, f32>(&b, true, &TargetConfig::default(), &FitConfig::default()).unwrap();
+}
+
+trait Scaled {
+    fn scaled(self, a: f64) -> Self;
+}
+impl Scaled for Batch {
+    fn scaled(mut self, a: f64) -> Self {
+        self.logp.iter_mut().chain(self.logp_old.iter_mut()).for_each(|x| *x *= a);
+        self
+    }
+}
+
+#[test]
+fn device_errors_name_the_first_bad_element() {
+    let tpo = gpu().lock().unwrap();
+    let layout = GroupLayout::from_sizes(&[3, 2, 4]).unwrap();
+    let dl = tpo.layout(&layout).unwrap();
+    let ok = [-1.0f32, -2.0, -3.0, -1.0, -2.0, -1.0, -2.0, -3.0, -4.0];
+    let s = tpo.to_device(&[1.0f32, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]).unwrap();
+    let run = |l: &[f32], old: Option<&[f32]>| -> String {
+        let l = tpo.to_device(l).unwrap();
+        let o = old.map(|o| tpo.to_device(o).unwrap());
+        let mut out = tpo.alloc_fused::<f32>(&dl, false).unwrap();
+        tpo.target_and_fit(
+            &l,
+            o.as_ref(),
+            &s,
+            &dl,
+            &TargetConfig::default(),
+            &FitConfig::default(),
+            &mut out,
+        )
+        .unwrap();
+        let loss = tpo.to_host(&out.fit.loss).unwrap()[0];
+        let e = tpo.check(&out.fit.status, &dl).unwrap_err().to_string();
+        assert!(loss.is_nan(), "a group with an error makes the loss NaN, got {loss}");
+        e
+    };
+    let mut bad = ok;
+    bad[7] = f32::NAN;
+    bad[4] = f32::INFINITY;
+    assert_eq!(
+        run(&bad, None),
+        "logp[4] is NaN or +inf: log-probs must be finite, or -inf to exclude a member"
+    );
+    let mut old = ok;
+    old[3] = f32::NEG_INFINITY;
+    old[4] = f32::NEG_INFINITY;
+    assert_eq!(
+        run(&ok, Some(&old)),
+        "group 1: every logp_old value is -inf, so the group's distribution is undefined"
+    );
+    let mut l = ok;
+    l[0] = f32::NEG_INFINITY;
+    assert_eq!(
+        run(&l, Some(&ok)),
+        "logp[0] is -inf where the target is positive: the cross-entropy is infinite"
+    );
+    // A stored target that is not a distribution.
+    let q = tpo.to_device(&[0.5f32, 0.6, 0.0, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25]).unwrap();
+    let lo = tpo.to_device(&ok).unwrap();
+    let mut f = tpo.alloc_fit::<f32>(&dl, false).unwrap();
+    tpo.fit(&lo, &q, &dl, &FitConfig::default(), &mut f).unwrap();
+    assert_eq!(
+        tpo.check(&f.status, &dl).unwrap_err().to_string(),
+        "invalid target: group 0 does not sum to 1 (within 0.01): pass the output of target()"
+    );
+    // Scores must be finite.
+    let s_bad = tpo.to_device(&[1.0f32, 0.0, 0.0, 1.0, f32::INFINITY, 1.0, 0.0, 0.0, 1.0]).unwrap();
+    let mut out = tpo.alloc_target(&dl, false).unwrap();
+    tpo.target(&lo, &s_bad, &dl, &TargetConfig::default(), &mut out).unwrap();
+    assert_eq!(
+        tpo.check(&out.status, &dl).unwrap_err().to_string(),
+        "scores[4] is not finite: scores must be finite"
+    );
+    // Shape errors come back at once, before any launch.
+    let short = tpo.to_device(&ok[..8]).unwrap();
+    let mut out = tpo.alloc_fused::<f32>(&dl, false).unwrap();
+    let e = tpo
+        .target_and_fit(&short, None, &s, &dl, &TargetConfig::default(), &FitConfig::default(), &mut out)
+        .unwrap_err();
+    assert_eq!(e.to_string(), "logp has 8 elements, layout expects 9");
+    let e = tpo
+        .target_and_fit(&lo, None, &s, &dl, &TargetConfig::with_eta(0.0), &FitConfig::default(), &mut out)
+        .unwrap_err();
+    assert_eq!(e.to_string(), "eta must be finite and > 0, got 0");
+}
+
+#[test]
+fn tabular_experiment_on_the_gpu_matches_the_cpu() {
+    use tpo::experiments::tabular::*;
+    let gpu_be = tpo::cuda::TabularCudaBackend::new().unwrap();
+    let cfg = MultiConfig { seeds: 1, steps: 30, contexts: 20, ..MultiConfig::default() };
+    let a = multi_run(&cfg, Method::Tpo, 0, &CpuBackend).unwrap();
+    let b = multi_run(&cfg, Method::Tpo, 0, &gpu_be).unwrap();
+    for (x, y) in a.error.iter().zip(&b.error) {
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+}
