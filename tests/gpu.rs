@@ -22,6 +22,11 @@ use std::sync::OnceLock;
 use tpo::cuda::{CudaTpo, DeviceFloat, DeviceLayout};
 use tpo::{bf16, cpu, f16, Anchor, FitConfig, GroupLayout, LossForm, Reduction, TargetConfig};
 
+/// Cases per property: `TPO_GPU_CASES` overrides (the sanitizer runs use few).
+fn cases(default: u32) -> u32 {
+    std::env::var("TPO_GPU_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 fn gpu() -> &'static std::sync::Mutex<CudaTpo> {
     static GPU: OnceLock<std::sync::Mutex<CudaTpo>> = OnceLock::new();
     GPU.get_or_init(|| {
@@ -216,7 +221,7 @@ fn extreme_batch() -> impl Strategy<Value = Batch> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(cases(48)))]
 
     #[test]
     fn fused_f32(b in small_batch(), with_old in any::<bool>(), (tc, fc) in configs()) {
@@ -267,7 +272,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(6))]
+    #![proptest_config(ProptestConfig::with_cases(cases(6)))]
 
     #[test]
     fn large_groups_use_the_block_path(k in prop_oneof![257usize..2000, 20_000usize..100_001], groups in 1usize..4, seed in any::<u64>(), (tc, fc) in configs()) {

@@ -674,3 +674,12 @@ impl crate::experiments::tabular::TpoBackend for TabularCudaBackend {
         "cuda"
     }
 }
+
+/// The fewest bytes [`CudaTpo::target_and_fit`] must move through device memory: each input read
+/// once (`logp`, `logp_old` unless on-policy, `scores`), each output written once (`q`, the
+/// gradient, the per-group loss). Used for the effective-bandwidth figures of the benchmarks.
+pub fn fused_bytes(layout: &GroupLayout, input_bytes: usize, grad_bytes: usize, with_old: bool) -> u64 {
+    let n = layout.len() as u64;
+    let per_member = input_bytes as u64 * if with_old { 2 } else { 1 } + 4 + 4 + grad_bytes as u64;
+    n * per_member + 4 * layout.num_groups() as u64
+}

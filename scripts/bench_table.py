@@ -1,0 +1,24 @@
+#!/usr/bin/env python3
+"""Merges examples/gpu_bench.rs and scripts/torch_baseline.py results into a markdown table.
+
+    python3 scripts/bench_table.py tpo.jsonl torch.jsonl
+"""
+import json
+import sys
+
+rows = [json.loads(l) for f in sys.argv[1:] for l in open(f) if l.strip()]
+copy = next((r["copy_gbps"] for r in rows if r["impl"] == "copy"), None)
+tcopy = next((r["copy_gbps"] for r in rows if r["impl"] == "torch_copy"), None)
+t = {(r["impl"], r["shape"], r["dtype"]): r for r in rows if "shape" in r}
+print(f"Device-to-device copy bandwidth: {copy} GB/s (cudarc memcpy), {tcopy} GB/s (torch copy_)\n")
+print("| shape B×K | dtype | tpo fused fwd+bwd (µs) | groups/s | effective GB/s | % of copy BW | torch eager (µs) | torch.compile (µs) | speed-up vs eager | vs compile |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for (impl, shape, dtype), r in sorted(t.items(), key=lambda kv: (kv[0][2], kv[1].get("B", 0) * kv[1].get("K", 0))):
+    if impl != "tpo":
+        continue
+    e = t.get(("torch_eager", shape, dtype), {}).get("median_us")
+    c = t.get(("torch_compile", shape, dtype), {}).get("median_us")
+    us = r["median_us"]
+    fmt = lambda x: f"{x:.1f}" if x is not None else "n/a"
+    ratio = lambda x: f"{x / us:.1f}×" if x is not None else "n/a"
+    print(f"| {shape} | {dtype} | {us:.2f} | {r['groups_per_s']:.3g} | {r['gbps']:.0f} | {100 * r['gbps'] / r['copy_gbps']:.0f}% | {fmt(e)} | {fmt(c)} | {ratio(e)} | {ratio(c)} |")

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds, on a machine with Rust (no GPU needed), everything the GPU machine runs, into .gpu/
+# (ignored by git). Then run scripts/gpu-run.sh there with .gpu carried along, e.g. with the
+# workplace's device tool: command "bash scripts/gpu-run.sh", carry [".gpu"].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/install-nvcc.sh)"
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+rm -rf .gpu && mkdir -p .gpu/bin
+
+exe() { # cargo JSON on stdin -> path of the executable of target $1
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$1" | tail -n 1
+}
+
+cp "$(cargo test --release --features cuda --test gpu --no-run --message-format=json | exe gpu)" .gpu/bin/gpu-tests
+cp "$(cargo bench --features cuda --bench cuda --no-run --message-format=json | exe cuda)" .gpu/bin/cuda-bench
+cargo build --release --features cuda --bin tpo --example gpu_bench
+cp target/release/tpo target/release/examples/gpu_bench .gpu/bin/
+strip .gpu/bin/* 2>/dev/null || true
+cp "$(ls -t target/release/build/tpo-*/out/ptxas-report.txt | head -n 1)" .gpu/ptxas-report.txt
+du -sh .gpu
+echo "gpu-build: ready; run 'bash scripts/gpu-run.sh' on the GPU machine with .gpu carried"
