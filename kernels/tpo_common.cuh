@@ -94,6 +94,9 @@ enum TpoErrorCode : unsigned int {
     TPO_INFINITE_LOSS = 6,    // logp[i] is -inf where q[i] > 0
     TPO_BAD_TARGET = 7,       // q[i] negative or not finite
     TPO_BAD_TARGET_SUM = 8,   // the group starting at i has a target that does not sum to 1
+    TPO_BAD_LOGIT = 9,        // logits[i] is NaN or +inf
+    TPO_BAD_TOKEN = 10,       // token at row i is outside the vocabulary
+    TPO_TOKEN_LOGIT_NEG_INF = 11, // logits[i] of a sampled token is -inf
 };
 
 #define TPO_MAX_INDEX ((1ull << 55) - 1ull)

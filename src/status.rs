@@ -34,6 +34,9 @@ pub fn decode_status(word: u64, layout: &GroupLayout) -> Result<()> {
             "group {} does not sum to 1 (within 0.01): pass the output of target()",
             group()
         )),
+        9 => device("logits", "NaN or +inf: logits must be finite, or -inf to mask a vocabulary entry"),
+        10 => device("tokens", "outside the vocabulary"),
+        11 => device("logits", "-inf at a sampled token: its log-prob would be -inf"),
         other => TpoError::Cuda(format!("unknown device status code {other} at index {index}")),
     })
 }

@@ -430,3 +430,136 @@ fn tabular_experiment_on_the_gpu_matches_the_cpu() {
         assert!((x - y).abs() < 1e-4, "{x} vs {y}");
     }
 }
+
+// ---- the logits path (tokens.cu) --------------------------------------------------------------
+
+mod logits_path {
+    use super::*;
+    use tpo::cpu::tokens::{self, SeqReduce, TargetSource, TokenConfig};
+
+    fn rand_logits(rows: usize, vocab: usize, scale: f64, seed: u64) -> Vec<f64> {
+        let mut rng = tpo::experiments::rng::Rng::new(seed);
+        (0..rows * vocab).map(|_| scale * (2.0 * rng.uniform() - 1.0)).collect()
+    }
+
+    fn check_tokens_t<T: DeviceFloat>(
+        rows: usize,
+        vocab: usize,
+        scale: f64,
+        tau: f64,
+        seed: u64,
+    ) -> Result<(), TestCaseError> {
+        let tpo = gpu().lock().unwrap();
+        let (z, zh) = to_dev::<T>(&tpo, &rand_logits(rows, vocab, scale, seed));
+        let zw: Vec<f64> = zh.iter().map(|x| x.to_f64()).collect();
+        let toks: Vec<u32> = (0..rows).map(|r| ((r * 7919 + seed as usize) % vocab) as u32).collect();
+        let y = tpo.to_device(&toks).unwrap();
+        let cfg = TokenConfig { temperature: tau, entropy: true, reduce: SeqReduce::Sum };
+        let mut out = tpo.alloc_tokens(rows, true).unwrap();
+        let mut first = None;
+        for _ in 0..2 {
+            poison(&tpo, &mut out.logp);
+            poison(&tpo, &mut out.lse);
+            poison_opt(&tpo, out.entropy.as_mut());
+            tpo.token_logprobs(&z, vocab, &y, &cfg, &mut out).unwrap();
+            let got =
+                (host(&tpo, &out.logp), host(&tpo, &out.lse), host(&tpo, out.entropy.as_ref().unwrap()));
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let b = (bits(&got.0), bits(&got.1), bits(&got.2));
+            if let Some(f) = &first {
+                prop_assert!(f == &b, "two runs differ");
+            }
+            first = Some(b);
+        }
+        let layout = GroupLayout::uniform(rows, 1).unwrap();
+        tpo.check(&out.status, &tpo.layout(&layout).unwrap()).unwrap();
+        let want = tokens::token_logprobs(&zw, vocab, &toks, &cfg).unwrap();
+        compare("logp", &host(&tpo, &out.logp), &want.logp, 1.0, 0.0)?;
+        compare("lse", &host(&tpo, &out.lse), &want.lse, 1.0, 0.0)?;
+        compare(
+            "entropy",
+            &host(&tpo, out.entropy.as_ref().unwrap()),
+            want.entropy.as_ref().unwrap(),
+            1.0,
+            0.0,
+        )?;
+        // Backward with a non-uniform upstream, out of place and in place (bit-identical).
+        let g: Vec<f32> = (0..rows).map(|r| ((r % 5) as f32 - 2.0) * 0.7).collect();
+        let gd = tpo.to_device(&g).unwrap();
+        let mut d = tpo.to_device(&vec![T::from_f64(f64::NAN); rows * vocab]).unwrap();
+        tpo.logits_backward(&z, vocab, &y, &out, &gd, &cfg, &mut d).unwrap();
+        let mut zi = tpo.to_device(&zh).unwrap();
+        tpo.logits_backward_in_place(&mut zi, vocab, &y, &out, &gd, &cfg).unwrap();
+        let (dh, dih) = (host(&tpo, &d), host(&tpo, &zi));
+        prop_assert!(dh.iter().zip(&dih).all(|(a, b)| a.to_bits() == b.to_bits()), "in place differs");
+        let gw: Vec<f64> = g.iter().map(|&x| f64::from(x)).collect();
+        let want_d = tokens::logits_grad(&zw, vocab, &toks, &gw, &cfg).unwrap();
+        compare("dlogits", &dh, &want_d, 1.4 / tau, storage_rtol(T::NAME))?;
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases(24)))]
+
+        #[test]
+        fn token_logprobs_and_backward(
+            rows in 1usize..40,
+            vocab in prop_oneof![1usize..40, 1000usize..5000],
+            scale in prop_oneof![Just(5.0f64), Just(30.0), Just(3000.0)],
+            tau in prop_oneof![Just(1.0f64), 0.5..2.0],
+            seed in any::<u64>(),
+        ) {
+            check_tokens_t::<f32>(rows, vocab, scale, tau, seed)?;
+            check_tokens_t::<bf16>(rows, vocab, scale, tau, seed)?;
+            check_tokens_t::<f16>(rows, vocab, scale.min(30.0), tau, seed)?;
+        }
+
+        #[test]
+        fn end_to_end_from_logits(
+            lens in prop::collection::vec(1usize..12, 2..10),
+            vocab in prop_oneof![2usize..50, 300usize..700],
+            on_policy in any::<bool>(),
+            mean in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let tpo = gpu().lock().unwrap();
+            let nseq = lens.len();
+            let rows: usize = lens.iter().sum();
+            let seqs_h = GroupLayout::from_sizes(&lens).unwrap();
+            let groups_h = GroupLayout::from_sizes(&[nseq / 2, nseq - nseq / 2]).unwrap();
+            let mut rng = tpo::experiments::rng::Rng::new(seed);
+            let zf: Vec<f32> = rand_logits(rows, vocab, 8.0, seed).iter().map(|&x| x as f32).collect();
+            let toks: Vec<u32> = (0..rows).map(|_| (rng.uniform() * vocab as f64) as u32 % vocab as u32).collect();
+            let mask: Vec<bool> = (0..rows).map(|_| rng.uniform() < 0.7).collect();
+            let scores: Vec<f32> = (0..nseq).map(|_| if rng.uniform() < 0.5 { 1.0 } else { 0.0 }).collect();
+            let old: Vec<f32> = (0..nseq).map(|_| -(20.0 * rng.uniform()) as f32).collect();
+            let tok = TokenConfig { temperature: 0.9, entropy: false, reduce: if mean { SeqReduce::Mean } else { SeqReduce::Sum } };
+            let (seqs, groups) = (tpo.layout(&seqs_h).unwrap(), tpo.layout(&groups_h).unwrap());
+            let mut z = tpo.to_device(&zf).unwrap();
+            let y = tpo.to_device(&toks).unwrap();
+            let m = tpo.to_device(&mask.iter().map(|&b| u8::from(b)).collect::<Vec<_>>()).unwrap();
+            let s = tpo.to_device(&scores).unwrap();
+            let o = tpo.to_device(&old).unwrap();
+            let fc = FitConfig::default();
+            let mut out = tpo.alloc_logits_path::<f32>(vocab, &seqs, &groups, false, false, false).unwrap();
+            poison(&tpo, out.grad_logits.as_mut().unwrap());
+            tpo.tpo_from_logits(&mut z, vocab, &y, &seqs, &m, &groups, (!on_policy).then_some(&o), &s, &tok, &TargetConfig::default(), &fc, &mut out).unwrap();
+            tpo.check(&out.group.fit.status, &groups).unwrap();
+            let zw: Vec<f64> = zf.iter().map(|&x| f64::from(x)).collect();
+            let (sw, ow): (Vec<f64>, Vec<f64>) = (scores.iter().map(|&x| f64::from(x)).collect(), old.iter().map(|&x| f64::from(x)).collect());
+            let src = if on_policy { TargetSource::OnPolicy { scores: &sw } } else { TargetSource::Rollout { logp_old: &ow, scores: &sw } };
+            let want = tokens::tpo_from_logits(&zw, vocab, &toks, &seqs_h, &mask, &groups_h, src, &tok, &TargetConfig::default(), &fc).unwrap();
+            let lscale = 1.0 + want.seq_logp.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+            compare("seq_logp", &host(&tpo, &out.seq_logp), &want.seq_logp, lscale, 0.0)?;
+            compare("loss", &host(&tpo, &out.group.fit.loss), &[want.fit.loss], 0.0, 1e-5)?;
+            compare("dlogits", &host(&tpo, out.grad_logits.as_ref().unwrap()), &want.grad_logits, 1.0 / 0.9, 0.0)?;
+        }
+    }
+
+    #[test]
+    fn full_vocabulary_rows() {
+        // V = 151936 (not a multiple of the block size), a few rows, bf16 as LLMs store logits.
+        check_tokens_t::<bf16>(3, 151_936, 20.0, 1.0, 7).unwrap();
+        check_tokens_t::<f32>(2, 151_936, 20.0, 0.7, 8).unwrap();
+    }
+}

@@ -11,33 +11,14 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use tpo::status::decode_status;
 use tpo::{bf16, cpu, f16, Anchor, FitConfig, GroupLayout, LossForm, Reduction, Scalar, TargetConfig};
 
 fn harness() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let bin = dir.join("tpo-host-harness");
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/host_emulation/harness.cpp");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let out = Command::new(&cxx)
-            .args(["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
-            .arg(&bin)
-            .arg(&src)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx}: {e}"));
-        assert!(
-            out.status.success(),
-            "compiling the host harness failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        bin
-    })
+    BIN.get_or_init(|| compile_harness("harness"))
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -53,10 +34,6 @@ struct Out {
     grad: Vec<f64>,
     group_loss: Vec<f64>,
     stats: Vec<f64>,
-}
-
-fn fmt(v: &[f64]) -> String {
-    v.iter().map(|x| format!("{x:e} ")).collect::<String>().replace("NaN", "nan")
 }
 
 /// Runs the harness. `t`, `g`: 0 f32, 1 bf16, 2 f16 (values must already be representable).
@@ -85,29 +62,25 @@ fn run(
         1.0 / tc.eta,
         tc.zero_std_threshold,
         coef,
-        fmt(&offs)
+        fmt_nums(&offs)
     );
     if mode != Mode::Target {
-        input += &fmt(logp);
+        input += &fmt_nums(logp);
     }
     if mode == Mode::Target {
-        input += &fmt(logp_old.unwrap());
+        input += &fmt_nums(logp_old.unwrap());
     } else if mode == Mode::Fused {
         if let Some(o) = logp_old {
-            input += &fmt(o);
+            input += &fmt_nums(o);
         }
     }
     if mode != Mode::Fit {
-        input += &fmt(scores);
+        input += &fmt_nums(scores);
     } else {
-        input += &fmt(q_in);
+        input += &fmt_nums(q_in);
     }
-    let mut child = Command::new(harness()).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "harness failed");
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut it = text.split_whitespace();
+    let words = run_harness(harness(), &input);
+    let mut it = words.iter();
     let status: u64 = it.next().unwrap().parse().unwrap();
     let mut vals = it.map(|s| s.parse::<f64>().unwrap());
     let mut take = |k: usize| (&mut vals).take(k).collect::<Vec<f64>>();

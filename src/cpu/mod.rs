@@ -16,6 +16,7 @@ use crate::layout::GroupLayout;
 use crate::scalar::Scalar;
 
 mod baselines;
+pub mod tokens;
 pub use baselines::{dg, grpo, reinforce, sigmoid, Baseline, DgConfig, GrpoConfig, PgConfig};
 
 /// A stored target may deviate from summing to one by at most this much per group

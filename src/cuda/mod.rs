@@ -37,6 +37,8 @@ use std::sync::Arc;
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
+mod tokens;
+pub use tokens::{LogitsPathBuffers, TokenBuffers};
 
 /// The architecture the embedded PTX targets (`TPO_CUDA_ARCH` at build time).
 pub const PTX_ARCH: &str = kernels::ARCH;
@@ -227,6 +229,18 @@ impl CudaTpo {
         let reduce = module.load_function("tpo_reduce_loss").map_err(|e| cuda_err("missing kernel", e))?;
         // Look every entry point up once, so launches do no name lookups.
         let mut kernels = std::collections::HashMap::new();
+        let tok_ptx = kernels::PTX
+            .iter()
+            .find(|(n, _)| *n == "tokens")
+            .map(|(_, p)| *p)
+            .expect("tokens.cu is embedded");
+        let tok_module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(tok_ptx))
+            .map_err(|e| cuda_err("cannot load the token kernels", e))?;
+        for n in tokens::KERNEL_NAMES.iter().map(|s| s.to_string()) {
+            let f = tok_module.load_function(&n).map_err(|e| cuda_err(&format!("missing kernel {n}"), e))?;
+            kernels.insert(n, f);
+        }
         let types = ["f32", "bf16", "f16"];
         for path in ["warp", "block"] {
             for t in types {
@@ -553,6 +567,10 @@ impl CudaTpo {
         self.stream.memset_zeros(&mut status.0).map_err(|e| cuda_err("clearing the status word", e))
     }
 
+    fn kernel(&self, name: &str) -> Result<&CudaFunction> {
+        self.kernels.get(name).ok_or_else(|| TpoError::Cuda(format!("missing kernel {name}")))
+    }
+
     fn launch_group(
         &self,
         kind: &str,
@@ -573,7 +591,7 @@ impl CudaTpo {
             Some(g) => format!("tpo_{kind}_{path}_{t}_{g}"),
             None => format!("tpo_{kind}_{path}_{t}"),
         };
-        let f = self.kernels.get(&name).ok_or_else(|| TpoError::Cuda(format!("missing kernel {name}")))?;
+        let f = self.kernel(&name)?;
         let cfg = LaunchConfig {
             grid_dim: (grid.max(1) as u32, 1, 1),
             block_dim: (threads, 1, 1),

@@ -110,3 +110,40 @@ pub fn within(name: &str, got: &[f64], want: &[f64], floor: f64, extra: f64) -> 
     }
     Ok(())
 }
+
+/// Compiles a host-emulation harness (tests/host_emulation/*.cpp, which include the kernels with
+/// `TPO_HOST`) once per test binary, with `CXX` or `c++`.
+pub fn compile_harness(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let bin = dir.join(format!("tpo-{name}"));
+    let src =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/host_emulation/{name}.cpp"));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = std::process::Command::new(&cxx)
+        .args(["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx}: {e}"));
+    assert!(out.status.success(), "compiling {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    bin
+}
+
+/// Runs a harness with `input` on stdin and returns its whitespace-separated output.
+pub fn run_harness(bin: &std::path::Path, input: &str) -> Vec<String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(bin)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("harness starts");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write input");
+    let out = child.wait_with_output().expect("harness runs");
+    assert!(out.status.success(), "harness failed");
+    String::from_utf8(out.stdout).expect("utf-8").split_whitespace().map(String::from).collect()
+}
+
+/// Formats numbers for a harness's stdin (NaN and infinities as C's strtod reads them).
+pub fn fmt_nums(v: &[f64]) -> String {
+    v.iter().map(|x| format!("{x:e} ")).collect::<String>().replace("NaN", "nan")
+}

@@ -1,0 +1,171 @@
+// Token-level kernels: per-token log-probs from logits in one pass (no f32 copy of the logits),
+// masked sequence sums, the broadcast of per-sequence gradients to tokens, and the backward to
+// the logits (optionally in place). See src/cpu/tokens.rs for the formulas.
+//
+// For row t with logits z and d_v = (z_v - m) / tau, m = max z, the forward keeps, per thread and
+// then per block in a fixed order, S = sum exp(d), Z = sum exp(d) d:
+//   lse = m / tau + log S,  logp = d_y - log S,  entropy = log S - Z / S;
+// m and log S are kept per row for the backward, p_v = exp(d_v - log S).
+#include "tpo_common.cuh"
+
+// Must match `TokenParams` in src/cuda/tokens.rs field for field.
+struct TokenParams {
+    const void* logits;        // T* [rows, vocab]
+    void* grad_out;            // T* [rows, vocab] (backward; may equal logits: in place)
+    const unsigned int* tokens;  // [rows]
+    float* logp;               // [rows] (forward)
+    float* lse;                // [rows] (forward)
+    float* row_max;            // [rows] m = max of the raw logits (forward writes, backward reads)
+    float* log_sum;            // [rows] log S (forward writes, backward reads)
+    float* entropy;            // [rows] or null
+    const float* token_grad;   // [rows] (backward)
+    unsigned long long* status;
+    long long rows;
+    long long vocab;
+    float inv_tau;
+    int pad_;
+};
+
+template <typename T, typename Grp>
+__device__ __forceinline__ void token_fwd_row(const TokenParams& p, long long t, const Grp grp) {
+    const T* z = (const T*)p.logits + t * p.vocab;
+    const int r = grp.rank, step = grp.size();
+    // m is the max of the raw logits; differences (x - m) are formed before scaling by 1/tau, so
+    // large logits keep full precision: a - max a = (x - m) / tau.
+    const float it = p.inv_tau;
+    float m = neg_inf(), s = 0.f, sz = 0.f;
+    int nbad = 0;
+    for (long long v = r; v < p.vocab; v += step) {
+        const float x = to_f32(z[v]);
+        if (isnan(x) || x == pos_inf()) {
+            report(p.status, t * p.vocab + v, TPO_BAD_LOGIT);
+            nbad++;
+            continue;
+        }
+        if (x == neg_inf()) continue;
+        if (x > m) {
+            const float d = (m - x) * it;  // -inf when m = -inf
+            const float c = expf(d);
+            sz = s > 0.f ? (sz + d * s) * c : 0.f;
+            s = s * c + 1.f;
+            m = x;
+        } else {
+            const float d = (x - m) * it;
+            const float e = expf(d);
+            s += e;
+            sz += e * d;
+        }
+    }
+    const float M = grp.max(m);
+    const float dm = m == neg_inf() ? neg_inf() : (m - M) * it;
+    const float c = expf(dm);
+    const float S = grp.sum(s * c);
+    const float Z = grp.sum(s > 0.f ? (sz + dm * s) * c : 0.f);
+    nbad = grp.isum(nbad);
+    if (r == 0) {
+        const unsigned int y = p.tokens[t];
+        bool bad = nbad > 0;
+        float zy = 0.f;
+        if (y >= p.vocab) {
+            report(p.status, t, TPO_BAD_TOKEN);
+            bad = true;
+        } else {
+            zy = to_f32(z[y]);
+            if (!(zy > neg_inf()) && !bad) {
+                report(p.status, t * p.vocab + y, TPO_TOKEN_LOGIT_NEG_INF);
+                bad = true;
+            }
+        }
+        const float log_s = logf(S);
+        p.logp[t] = bad ? nan_f32() : (zy - M) * it - log_s;
+        p.lse[t] = bad ? nan_f32() : M * it + log_s;
+        p.row_max[t] = bad ? nan_f32() : M;
+        p.log_sum[t] = bad ? nan_f32() : log_s;
+        if (p.entropy) p.entropy[t] = bad ? nan_f32() : log_s - Z / S;
+    }
+}
+
+template <typename T, typename Grp>
+__device__ __forceinline__ void token_bwd_row(const TokenParams& p, long long t, const Grp grp) {
+    const T* z = (const T*)p.logits + t * p.vocab;
+    T* d = (T*)p.grad_out + t * p.vocab;
+    // p_v = exp((a_v - m) - log S): relative to the row max, so large logits keep their precision.
+    const float g = p.token_grad[t], m = p.row_max[t], log_s = p.log_sum[t], it = p.inv_tau;
+    const long long y = p.tokens[t];
+    for (long long v = grp.rank; v < p.vocab; v += grp.size()) {
+        // Each element is read, then written, by the same thread: safe in place.
+        const float pv = expf((to_f32(z[v]) - m) * it - log_s);
+        d[v] = from_f32<T>(g * ((v == y ? 1.f : 0.f) - pv) * it);
+    }
+}
+
+// Must match `SeqParams` in src/cuda/tokens.rs field for field.
+struct SeqParams {
+    const float* token_logp;   // [T] (reduce)
+    const long long* offsets;  // [n_seqs + 1] over tokens
+    const unsigned char* mask; // [T], 1 = completion token
+    const float* seq_grad;     // [n_seqs] (broadcast)
+    float* seq_out;            // [n_seqs] (reduce)
+    float* token_grad_out;     // [T] (broadcast)
+    long long n_seqs;
+    int mean;
+    int pad_;
+};
+
+template <typename Grp>
+__device__ __forceinline__ void seq_reduce(const SeqParams& p, long long i, const Grp grp) {
+    const long long a = p.offsets[i], b = p.offsets[i + 1];
+    int cnt = 0;
+    float sum = 0.f;
+    for (long long t = a + grp.rank; t < b; t += grp.size())
+        if (p.mask[t]) {
+            cnt++;
+            sum += p.token_logp[t];
+        }
+    cnt = grp.isum(cnt);
+    sum = grp.sum(sum);
+    if (grp.rank == 0) p.seq_out[i] = p.mean ? (cnt > 0 ? sum / (float)cnt : 0.f) : sum;
+}
+
+template <typename Grp>
+__device__ __forceinline__ void seq_broadcast(const SeqParams& p, long long i, const Grp grp) {
+    const long long a = p.offsets[i], b = p.offsets[i + 1];
+    int cnt = 0;
+    for (long long t = a + grp.rank; t < b; t += grp.size()) cnt += p.mask[t] ? 1 : 0;
+    cnt = grp.isum(cnt);
+    const float G = p.seq_grad[i];
+    const float w = p.mean ? (cnt > 0 ? G / (float)cnt : 0.f) : G;
+    for (long long t = a + grp.rank; t < b; t += grp.size()) p.token_grad_out[t] = p.mask[t] ? w : 0.f;
+}
+
+#ifndef TPO_HOST
+#define TPO_ROW_THREADS 256
+
+#define TPO_TOKEN_KERNELS(TN, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(TPO_ROW_THREADS, 1) tpo_token_fwd_##TN(TokenParams p) {   \
+        __shared__ float scratch[33];                                                                      \
+        for (long long t = blockIdx.x; t < p.rows; t += gridDim.x)                                          \
+            token_fwd_row<T>(p, t, BlockGroup{(int)threadIdx.x, scratch});                                 \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(TPO_ROW_THREADS, 1) tpo_token_bwd_##TN(TokenParams p) {   \
+        __shared__ float scratch[33];                                                                      \
+        for (long long t = blockIdx.x; t < p.rows; t += gridDim.x)                                          \
+            token_bwd_row<T>(p, t, BlockGroup{(int)threadIdx.x, scratch});                                 \
+    }
+
+TPO_TOKEN_KERNELS(f32, float)
+TPO_TOKEN_KERNELS(bf16, bf16_t)
+TPO_TOKEN_KERNELS(f16, f16_t)
+
+// A warp per sequence, 8 per block, grid-stride.
+extern "C" __global__ void __launch_bounds__(256, 4) tpo_seq_reduce(SeqParams p) {
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long i = w; i < p.n_seqs; i += nw) seq_reduce(p, i, WarpGroup{(int)(threadIdx.x & 31)});
+}
+extern "C" __global__ void __launch_bounds__(256, 4) tpo_seq_broadcast(SeqParams p) {
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long i = w; i < p.n_seqs; i += nw) seq_broadcast(p, i, WarpGroup{(int)(threadIdx.x & 31)});
+}
+#endif  // TPO_HOST

@@ -1,0 +1,395 @@
+//! The f64 reference for TPO from model outputs: token log-probs from logits (or from hidden
+//! states times the lm_head), masked sequence sums, the group loss, and the backward to the
+//! logits (and to the hidden states and the weight).
+//!
+//! For `T` tokens over a vocabulary of `V`, logits `z [T, V]` (row-major), sampled tokens
+//! `y [T]` and a sampling temperature `tau > 0`, with `s = z / tau`:
+//!
+//! * `lse_t = log sum_v exp(s_{t,v})`, `logp_t = s_{t,y_t} - lse_t`,
+//!   `entropy_t = lse_t - sum_v p_{t,v} s_{t,v}` with `p_t = softmax(s_t)`;
+//! * sequence `i` (a range of tokens, [`GroupLayout`] over tokens) with completion mask `m`:
+//!   `l_i = sum_t m_t logp_t` ([`SeqReduce::Sum`]) or that over `n_i = sum_t m_t`
+//!   ([`SeqReduce::Mean`]; `l_i = 0` when `n_i = 0`);
+//! * the group loss on `l` ([`crate::cpu::fit`]), giving `G_i = dL/dl_i`;
+//! * per-token upstream `g_t = m_t G_i` (Sum) or `m_t G_i / n_i` (Mean), and
+//!   `dL/dz_{t,v} = g_t (1{v = y_t} - p_{t,v}) / tau`;
+//! * from hidden states `h [T, H]` and the lm_head `W [V, H]`: `z_t = W h_t`,
+//!   `dL/dh_t = sum_v dL/dz_{t,v} W_v`, `dL/dW_v = sum_t dL/dz_{t,v} h_t`.
+
+use super::{fit, target, target_and_fit, FitOutput};
+use crate::config::{FitConfig, TargetConfig};
+use crate::error::{Result, TpoError};
+use crate::layout::GroupLayout;
+use crate::scalar::Scalar;
+
+/// How a sequence's token log-probs combine into its log-prob `l_i`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeqReduce {
+    /// `l_i = sum_t m_t logp_t`, the sequence log-probability (the default).
+    #[default]
+    Sum,
+    /// `l_i = sum_t m_t logp_t / n_i`, length-normalised (`0` for a sequence with no
+    /// completion tokens).
+    Mean,
+}
+
+/// Token-level options.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenConfig {
+    /// Sampling temperature `tau > 0` the logits are divided by (default 1).
+    pub temperature: f64,
+    /// Compute the per-token entropy (default off).
+    pub entropy: bool,
+    /// Sequence reduction (default sum).
+    pub reduce: SeqReduce,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self { temperature: 1.0, entropy: false, reduce: SeqReduce::Sum }
+    }
+}
+
+impl TokenConfig {
+    fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(TpoError::BadConfig {
+                name: "temperature",
+                requirement: "finite and > 0",
+                got: self.temperature,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Per-token results of [`token_logprobs`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// `logp_t` of the sampled token.
+    pub logp: Vec<f64>,
+    /// `lse_t` of the tempered logits (kept for the backward).
+    pub lse: Vec<f64>,
+    /// `entropy_t`, when asked for.
+    pub entropy: Option<Vec<f64>>,
+}
+
+fn check_tokens(name: &'static str, tokens: &[u32], n: usize, vocab: usize) -> Result<()> {
+    if tokens.len() != n {
+        return Err(TpoError::LengthMismatch { name, got: tokens.len(), expected: n });
+    }
+    if let Some(t) = tokens.iter().position(|&y| y as usize >= vocab) {
+        return Err(TpoError::BadConfig {
+            name: "token id (must be < vocabulary size)",
+            requirement: "in range",
+            got: f64::from(tokens[t]),
+        });
+    }
+    Ok(())
+}
+
+fn rows<T: Scalar>(logits: &[T], vocab: usize) -> Result<usize> {
+    if vocab == 0 {
+        return Err(TpoError::BadConfig { name: "vocabulary size", requirement: ">= 1", got: 0.0 });
+    }
+    if logits.len() % vocab != 0 {
+        return Err(TpoError::LengthMismatch {
+            name: "logits",
+            got: logits.len(),
+            expected: (logits.len() / vocab + 1) * vocab,
+        });
+    }
+    Ok(logits.len() / vocab)
+}
+
+/// Token log-probs (and log-sum-exp, and optionally entropy) from logits `[T, V]`.
+///
+/// Logits may be `-inf` (masked vocabulary entries) but not NaN or `+inf`, and the sampled
+/// token's logit must be finite.
+pub fn token_logprobs<T: Scalar>(
+    logits: &[T],
+    vocab: usize,
+    tokens: &[u32],
+    cfg: &TokenConfig,
+) -> Result<TokenLogprobs> {
+    cfg.validate()?;
+    let n = rows(logits, vocab)?;
+    check_tokens("tokens", tokens, n, vocab)?;
+    let inv = 1.0 / cfg.temperature;
+    let mut out = TokenLogprobs {
+        logp: Vec::with_capacity(n),
+        lse: Vec::with_capacity(n),
+        entropy: cfg.entropy.then(|| Vec::with_capacity(n)),
+    };
+    let mut s = vec![0.0; vocab];
+    for t in 0..n {
+        for (v, x) in logits[t * vocab..(t + 1) * vocab].iter().enumerate() {
+            let z = x.to_f64();
+            if z.is_nan() || z == f64::INFINITY {
+                return Err(TpoError::NonFinite {
+                    name: "logits",
+                    index: t * vocab + v,
+                    value: z,
+                    allowed: "logits must be finite, or -inf to mask a vocabulary entry",
+                });
+            }
+            s[v] = z * inv;
+        }
+        let y = tokens[t] as usize;
+        if s[y] == f64::NEG_INFINITY {
+            return Err(TpoError::NonFinite {
+                name: "logits",
+                index: t * vocab + y,
+                value: f64::NEG_INFINITY,
+                allowed: "the sampled token's logit must be finite (its log-prob would be -inf)",
+            });
+        }
+        let lse = super::logsumexp(&s);
+        out.logp.push(s[y] - lse);
+        out.lse.push(lse);
+        if let Some(e) = out.entropy.as_mut() {
+            let mean_s: f64 = s.iter().filter(|x| x.is_finite()).map(|&x| (x - lse).exp() * x).sum();
+            e.push(lse - mean_s);
+        }
+    }
+    Ok(out)
+}
+
+/// Masked per-sequence reduction of token log-probs (`seqs` partitions the tokens).
+pub fn sequence_logprobs(
+    token_logp: &[f64],
+    seqs: &GroupLayout,
+    mask: &[bool],
+    reduce: SeqReduce,
+) -> Result<Vec<f64>> {
+    seqs.check_len("token log-probs", token_logp.len())?;
+    seqs.check_len("mask", mask.len())?;
+    Ok(seqs
+        .ranges()
+        .map(|r| {
+            let n = r.clone().filter(|&t| mask[t]).count();
+            let s: f64 = r.filter(|&t| mask[t]).map(|t| token_logp[t]).sum();
+            match reduce {
+                SeqReduce::Sum => s,
+                SeqReduce::Mean if n == 0 => 0.0,
+                SeqReduce::Mean => s / n as f64,
+            }
+        })
+        .collect())
+}
+
+/// Broadcasts per-sequence gradients `G_i` to per-token upstream gradients `g_t`.
+pub fn token_grad_from_sequences(
+    seq_grad: &[f64],
+    seqs: &GroupLayout,
+    mask: &[bool],
+    reduce: SeqReduce,
+) -> Result<Vec<f64>> {
+    if seq_grad.len() != seqs.num_groups() {
+        return Err(TpoError::LengthMismatch {
+            name: "sequence gradient",
+            got: seq_grad.len(),
+            expected: seqs.num_groups(),
+        });
+    }
+    seqs.check_len("mask", mask.len())?;
+    let mut g = vec![0.0; seqs.len()];
+    for (i, r) in seqs.ranges().enumerate() {
+        let n = r.clone().filter(|&t| mask[t]).count();
+        let w = match reduce {
+            SeqReduce::Sum => seq_grad[i],
+            SeqReduce::Mean if n == 0 => 0.0,
+            SeqReduce::Mean => seq_grad[i] / n as f64,
+        };
+        for t in r.filter(|&t| mask[t]) {
+            g[t] = w;
+        }
+    }
+    Ok(g)
+}
+
+/// `dL/dz_{t,v} = g_t (1{v = y_t} - softmax(z_t / tau)_v) / tau` for any per-token upstream `g`.
+pub fn logits_grad<T: Scalar>(
+    logits: &[T],
+    vocab: usize,
+    tokens: &[u32],
+    token_grad: &[f64],
+    cfg: &TokenConfig,
+) -> Result<Vec<f64>> {
+    let tl = token_logprobs(logits, vocab, tokens, &TokenConfig { entropy: false, ..*cfg })?;
+    if token_grad.len() != tl.logp.len() {
+        return Err(TpoError::LengthMismatch {
+            name: "token gradient",
+            got: token_grad.len(),
+            expected: tl.logp.len(),
+        });
+    }
+    let inv = 1.0 / cfg.temperature;
+    let mut d = vec![0.0; logits.len()];
+    for t in 0..tl.logp.len() {
+        let g = token_grad[t];
+        for v in 0..vocab {
+            let p = (logits[t * vocab + v].to_f64() * inv - tl.lse[t]).exp();
+            let onehot = if v == tokens[t] as usize { 1.0 } else { 0.0 };
+            d[t * vocab + v] = g * (onehot - p) * inv;
+        }
+    }
+    Ok(d)
+}
+
+/// `z = h W^T`: logits `[T, V]` from hidden states `h [T, H]` and the lm_head `W [V, H]`.
+pub fn linear_logits<T: Scalar>(hidden: &[T], weight: &[T], dim: usize) -> Result<Vec<f64>> {
+    if dim == 0 || hidden.len() % dim != 0 || weight.len() % dim != 0 {
+        return Err(TpoError::BadConfig {
+            name: "hidden size (must divide the hidden states' and the weight's lengths)",
+            requirement: "a divisor",
+            got: dim as f64,
+        });
+    }
+    let (n, vocab) = (hidden.len() / dim, weight.len() / dim);
+    let mut z = vec![0.0; n * vocab];
+    for t in 0..n {
+        for v in 0..vocab {
+            z[t * vocab + v] =
+                (0..dim).map(|k| hidden[t * dim + k].to_f64() * weight[v * dim + k].to_f64()).sum();
+        }
+    }
+    Ok(z)
+}
+
+/// Where the group target comes from in the end-to-end calls.
+#[derive(Debug, Clone, Copy)]
+pub enum TargetSource<'a> {
+    /// First epoch, on-policy: the target is built from the sequence log-probs themselves.
+    OnPolicy {
+        /// One score per sequence.
+        scores: &'a [f64],
+    },
+    /// First epoch with the rollout engine's sequence log-probs.
+    Rollout {
+        /// `l_old`, one per sequence.
+        logp_old: &'a [f64],
+        /// One score per sequence.
+        scores: &'a [f64],
+    },
+    /// A later epoch: the target stored at rollout.
+    Stored {
+        /// `q`, one per sequence.
+        target: &'a [f64],
+    },
+}
+
+/// Result of [`tpo_from_logits`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogitsPath {
+    /// Token log-probs, lse and entropy.
+    pub tokens: TokenLogprobs,
+    /// `l_i` per sequence.
+    pub seq_logp: Vec<f64>,
+    /// The target `q` used (built here or the stored one).
+    pub target: Vec<f64>,
+    /// Loss, per-group loss, `dL/dl` per sequence, diagnostics.
+    pub fit: FitOutput,
+    /// `g_t`, the per-token upstream gradient.
+    pub token_grad: Vec<f64>,
+    /// `dL/dz`, shaped like the logits.
+    pub grad_logits: Vec<f64>,
+}
+
+/// The whole path from logits to the gradient the model needs: token log-probs, sequence
+/// sums, the TPO group loss over `groups` (a layout over sequences) and the backward.
+#[allow(clippy::too_many_arguments)]
+pub fn tpo_from_logits<T: Scalar>(
+    logits: &[T],
+    vocab: usize,
+    tokens: &[u32],
+    seqs: &GroupLayout,
+    mask: &[bool],
+    groups: &GroupLayout,
+    source: TargetSource,
+    tok: &TokenConfig,
+    tcfg: &TargetConfig,
+    fcfg: &FitConfig,
+) -> Result<LogitsPath> {
+    let tl = token_logprobs(logits, vocab, tokens, tok)?;
+    seqs.check_len("tokens", tl.logp.len())?;
+    if groups.len() != seqs.num_groups() {
+        return Err(TpoError::LengthMismatch {
+            name: "sequences (the group layout counts sequences)",
+            got: seqs.num_groups(),
+            expected: groups.len(),
+        });
+    }
+    let l = sequence_logprobs(&tl.logp, seqs, mask, tok.reduce)?;
+    let (q, fit) = match source {
+        TargetSource::OnPolicy { scores } => {
+            let r = target_and_fit(&l, None, scores, groups, tcfg, fcfg)?;
+            (r.target, r.fit)
+        }
+        TargetSource::Rollout { logp_old, scores } => {
+            let r = target_and_fit(&l, Some(logp_old), scores, groups, tcfg, fcfg)?;
+            (r.target, r.fit)
+        }
+        TargetSource::Stored { target: q } => (q.to_vec(), fit(&l, q, groups, fcfg)?),
+    };
+    let g = token_grad_from_sequences(&fit.grad, seqs, mask, tok.reduce)?;
+    let grad_logits = logits_grad(logits, vocab, tokens, &g, tok)?;
+    Ok(LogitsPath { tokens: tl, seq_logp: l, target: q, fit, token_grad: g, grad_logits })
+}
+
+/// Result of [`tpo_from_hidden`]: the logits path plus the gradients of the linear layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiddenPath {
+    /// Everything [`tpo_from_logits`] returns (on the logits `h W^T`).
+    pub logits_path: LogitsPath,
+    /// `dL/dh`, shaped like the hidden states `[T, H]`.
+    pub grad_hidden: Vec<f64>,
+    /// `dL/dW`, shaped like the weight `[V, H]`.
+    pub grad_weight: Vec<f64>,
+}
+
+/// [`tpo_from_logits`] on `z = h W^T`, with the backward through the linear layer.
+#[allow(clippy::too_many_arguments)]
+pub fn tpo_from_hidden<T: Scalar>(
+    hidden: &[T],
+    weight: &[T],
+    dim: usize,
+    tokens: &[u32],
+    seqs: &GroupLayout,
+    mask: &[bool],
+    groups: &GroupLayout,
+    source: TargetSource,
+    tok: &TokenConfig,
+    tcfg: &TargetConfig,
+    fcfg: &FitConfig,
+) -> Result<HiddenPath> {
+    let z = linear_logits(hidden, weight, dim)?;
+    let vocab = weight.len() / dim;
+    let lp = tpo_from_logits(&z, vocab, tokens, seqs, mask, groups, source, tok, tcfg, fcfg)?;
+    let n = hidden.len() / dim;
+    let mut gh = vec![0.0; hidden.len()];
+    let mut gw = vec![0.0; weight.len()];
+    for t in 0..n {
+        for v in 0..vocab {
+            let d = lp.grad_logits[t * vocab + v];
+            if d == 0.0 {
+                continue;
+            }
+            for k in 0..dim {
+                gh[t * dim + k] += d * weight[v * dim + k].to_f64();
+                gw[v * dim + k] += d * hidden[t * dim + k].to_f64();
+            }
+        }
+    }
+    Ok(HiddenPath { logits_path: lp, grad_hidden: gh, grad_weight: gw })
+}
+
+/// Builds the target for [`TargetSource::Stored`] from sequence log-probs at rollout.
+pub fn rollout_target(
+    seq_logp_old: &[f64],
+    scores: &[f64],
+    groups: &GroupLayout,
+    cfg: &TargetConfig,
+) -> Result<Vec<f64>> {
+    target(seq_logp_old, scores, groups, cfg)
+}

@@ -1,0 +1,426 @@
+//! Token-level CUDA calls: log-probs from logits, masked sequence sums, the gradient broadcast and
+//! the backward to the logits, and the end-to-end path from logits to `dL/dlogits` (see
+//! [`crate::cpu::tokens`] for the formulas and the f64 reference).
+
+use super::{cuda_err, CudaTpo, DeviceFloat, DeviceLayout, DeviceStatus, FusedBuffers};
+use crate::config::{FitConfig, TargetConfig};
+use crate::cpu::tokens::{SeqReduce, TokenConfig};
+use crate::error::{Result, TpoError};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+pub(super) const KERNEL_NAMES: [&str; 8] = [
+    "tpo_token_fwd_f32",
+    "tpo_token_fwd_bf16",
+    "tpo_token_fwd_f16",
+    "tpo_token_bwd_f32",
+    "tpo_token_bwd_bf16",
+    "tpo_token_bwd_f16",
+    "tpo_seq_reduce",
+    "tpo_seq_broadcast",
+];
+const ROW_THREADS: u32 = 256;
+
+/// Must match `struct TokenParams` in kernels/tokens.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TokenParams {
+    logits: u64,
+    grad_out: u64,
+    tokens: u64,
+    logp: u64,
+    lse: u64,
+    row_max: u64,
+    log_sum: u64,
+    entropy: u64,
+    token_grad: u64,
+    status: u64,
+    rows: i64,
+    vocab: i64,
+    inv_tau: f32,
+    pad: i32,
+}
+// SAFETY: repr(C), Copy, plain integers and floats matching the C struct passed by value.
+unsafe impl DeviceRepr for TokenParams {}
+
+/// Must match `struct SeqParams` in kernels/tokens.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SeqParams {
+    token_logp: u64,
+    offsets: u64,
+    mask: u64,
+    seq_grad: u64,
+    seq_out: u64,
+    token_grad_out: u64,
+    n_seqs: i64,
+    mean: i32,
+    pad: i32,
+}
+// SAFETY: as for TokenParams.
+unsafe impl DeviceRepr for SeqParams {}
+
+/// Per-token outputs of [`CudaTpo::token_logprobs`], allocated once for `rows` tokens.
+#[derive(Debug)]
+pub struct TokenBuffers {
+    /// `logp_t` of the sampled tokens.
+    pub logp: CudaSlice<f32>,
+    /// `lse_t` of the tempered logits.
+    pub lse: CudaSlice<f32>,
+    /// The row maximum `m_t` of the raw logits, read by the backward.
+    pub row_max: CudaSlice<f32>,
+    /// `log S_t = lse_t - m_t / tau`, kept apart from `m_t` so the backward's
+    /// `p = exp((z - m) / tau - log S)` keeps its precision for large logits.
+    pub log_sum: CudaSlice<f32>,
+    /// `entropy_t`, when allocated.
+    pub entropy: Option<CudaSlice<f32>>,
+    /// The call's error word.
+    pub status: DeviceStatus,
+}
+
+/// Everything [`CudaTpo::tpo_from_logits`] writes, allocated once for a batch shape.
+#[derive(Debug)]
+pub struct LogitsPathBuffers<G: DeviceFloat> {
+    /// Token log-probs, lse, entropy.
+    pub tokens: TokenBuffers,
+    /// `l_i` per sequence.
+    pub seq_logp: CudaSlice<f32>,
+    /// Target, loss, per-group loss, `dL/dl` per sequence, diagnostics (the group call).
+    pub group: FusedBuffers<f32>,
+    /// `g_t`, the per-token upstream gradient.
+    pub token_grad: CudaSlice<f32>,
+    /// `dL/dlogits` (unless written in place over the logits).
+    pub grad_logits: Option<CudaSlice<G>>,
+}
+
+impl CudaTpo {
+    /// Allocates [`TokenBuffers`] for `rows` tokens.
+    pub fn alloc_tokens(&self, rows: usize, entropy: bool) -> Result<TokenBuffers> {
+        Ok(TokenBuffers {
+            logp: self.zeros(rows)?,
+            lse: self.zeros(rows)?,
+            row_max: self.zeros(rows)?,
+            log_sum: self.zeros(rows)?,
+            entropy: if entropy { Some(self.zeros(rows)?) } else { None },
+            status: self.status()?,
+        })
+    }
+
+    /// Allocates [`LogitsPathBuffers`]; `grad_logits` is allocated unless the gradient will be
+    /// written in place over the logits.
+    pub fn alloc_logits_path<G: DeviceFloat>(
+        &self,
+        vocab: usize,
+        seqs: &DeviceLayout,
+        groups: &DeviceLayout,
+        entropy: bool,
+        stats: bool,
+        in_place: bool,
+    ) -> Result<LogitsPathBuffers<G>> {
+        let rows = seqs.host.len();
+        Ok(LogitsPathBuffers {
+            tokens: self.alloc_tokens(rows, entropy)?,
+            seq_logp: self.zeros(seqs.host.num_groups())?,
+            group: self.alloc_fused::<f32>(groups, stats)?,
+            token_grad: self.zeros(rows)?,
+            grad_logits: if in_place { None } else { Some(self.zeros(rows * vocab)?) },
+        })
+    }
+
+    /// Token log-probs from logits `[rows, vocab]` in one pass (see [`crate::cpu::tokens::token_logprobs`]).
+    pub fn token_logprobs<T: DeviceFloat>(
+        &self,
+        logits: &CudaSlice<T>,
+        vocab: usize,
+        tokens: &CudaSlice<u32>,
+        cfg: &TokenConfig,
+        out: &mut TokenBuffers,
+    ) -> Result<()> {
+        let rows = check_logits(logits.len(), vocab, tokens.len(), cfg)?;
+        if [out.logp.len(), out.lse.len(), out.row_max.len(), out.log_sum.len()].iter().any(|&l| l != rows)
+            || out.entropy.as_ref().is_some_and(|e| e.len() != rows)
+        {
+            return Err(TpoError::LengthMismatch {
+                name: "token outputs",
+                got: out.logp.len(),
+                expected: rows,
+            });
+        }
+        let _range = self.range("tpo::token_logprobs");
+        self.reset(&mut out.status)?;
+        let s = &self.stream;
+        let (p_z, _a) = logits.device_ptr(s);
+        let (p_y, _b) = tokens.device_ptr(s);
+        let (p_l, _c) = out.logp.device_ptr_mut(s);
+        let (p_lse, _d) = out.lse.device_ptr_mut(s);
+        let (p_e, _e) = super::opt_ptr_mut(out.entropy.as_mut(), s);
+        let (p_st, _f) = out.status.0.device_ptr_mut(s);
+        let (p_m, _g) = out.row_max.device_ptr_mut(s);
+        let (p_ls, _h) = out.log_sum.device_ptr_mut(s);
+        let params = TokenParams {
+            logits: p_z,
+            grad_out: 0,
+            tokens: p_y,
+            logp: p_l,
+            lse: p_lse,
+            row_max: p_m,
+            log_sum: p_ls,
+            entropy: p_e,
+            token_grad: 0,
+            status: p_st,
+            rows: rows as i64,
+            vocab: vocab as i64,
+            inv_tau: (1.0 / cfg.temperature) as f32,
+            pad: 0,
+        };
+        self.launch_rows(&format!("tpo_token_fwd_{}", T::SUFFIX), rows, params)
+    }
+
+    /// `dL/dz = g_t (onehot(y_t) - softmax(z_t / tau)) / tau` into `grad` (shaped like the
+    /// logits, in their dtype), for any per-token upstream `token_grad`; reads the row statistics
+    /// `fwd` written by [`token_logprobs`](Self::token_logprobs) on the same logits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn logits_backward<T: DeviceFloat>(
+        &self,
+        logits: &CudaSlice<T>,
+        vocab: usize,
+        tokens: &CudaSlice<u32>,
+        fwd: &TokenBuffers,
+        token_grad: &CudaSlice<f32>,
+        cfg: &TokenConfig,
+        grad: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let rows = check_logits(logits.len(), vocab, tokens.len(), cfg)?;
+        if grad.len() != logits.len() {
+            return Err(TpoError::LengthMismatch {
+                name: "gradient output",
+                got: grad.len(),
+                expected: logits.len(),
+            });
+        }
+        check_rows_len(rows, fwd, token_grad.len())?;
+        let s = &self.stream;
+        let (p_z, _a) = logits.device_ptr(s);
+        let (p_g, _b) = grad.device_ptr_mut(s);
+        self.launch_bwd::<T>(p_z, p_g, vocab, rows, tokens, fwd, token_grad, cfg)
+    }
+
+    /// [`logits_backward`](Self::logits_backward) written over the logits buffer itself, saving
+    /// a `[rows, vocab]` allocation (the logits are consumed).
+    pub fn logits_backward_in_place<T: DeviceFloat>(
+        &self,
+        logits: &mut CudaSlice<T>,
+        vocab: usize,
+        tokens: &CudaSlice<u32>,
+        fwd: &TokenBuffers,
+        token_grad: &CudaSlice<f32>,
+        cfg: &TokenConfig,
+    ) -> Result<()> {
+        let rows = check_logits(logits.len(), vocab, tokens.len(), cfg)?;
+        check_rows_len(rows, fwd, token_grad.len())?;
+        let s = &self.stream;
+        let (p_z, _a) = logits.device_ptr_mut(s);
+        self.launch_bwd::<T>(p_z, p_z, vocab, rows, tokens, fwd, token_grad, cfg)
+    }
+
+    /// Masked per-sequence reduction of token log-probs (`seqs` is a layout over tokens; `mask`
+    /// holds 1 for completion tokens).
+    pub fn sequence_logprobs(
+        &self,
+        token_logp: &CudaSlice<f32>,
+        seqs: &DeviceLayout,
+        mask: &CudaSlice<u8>,
+        reduce: SeqReduce,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.seq_call("tpo_seq_reduce", seqs, mask, reduce, Some(token_logp), None, Some(out), None)
+    }
+
+    /// Broadcasts per-sequence gradients to per-token upstream gradients (the adjoint of
+    /// [`sequence_logprobs`](Self::sequence_logprobs)).
+    pub fn broadcast_sequence_grad(
+        &self,
+        seq_grad: &CudaSlice<f32>,
+        seqs: &DeviceLayout,
+        mask: &CudaSlice<u8>,
+        reduce: SeqReduce,
+        token_grad: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.seq_call("tpo_seq_broadcast", seqs, mask, reduce, None, Some(seq_grad), None, Some(token_grad))
+    }
+
+    /// The whole path on the device (see [`crate::cpu::tokens::tpo_from_logits`]): token
+    /// log-probs, sequence sums, the fused TPO group call (on-policy when `logp_old` is `None`),
+    /// the broadcast and the backward to the logits (in place when `out.grad_logits` is `None`).
+    /// Seven launches, no allocation, no host synchronisation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tpo_from_logits<T: DeviceFloat>(
+        &self,
+        logits: &mut CudaSlice<T>,
+        vocab: usize,
+        tokens: &CudaSlice<u32>,
+        seqs: &DeviceLayout,
+        mask: &CudaSlice<u8>,
+        groups: &DeviceLayout,
+        logp_old: Option<&CudaSlice<f32>>,
+        scores: &CudaSlice<f32>,
+        tok: &TokenConfig,
+        tcfg: &TargetConfig,
+        fcfg: &FitConfig,
+        out: &mut LogitsPathBuffers<T>,
+    ) -> Result<()> {
+        if groups.host.len() != seqs.host.num_groups() {
+            return Err(TpoError::LengthMismatch {
+                name: "sequences (the group layout counts sequences)",
+                got: seqs.host.num_groups(),
+                expected: groups.host.len(),
+            });
+        }
+        let _range = self.range("tpo::tpo_from_logits");
+        self.token_logprobs(logits, vocab, tokens, tok, &mut out.tokens)?;
+        self.sequence_logprobs(&out.tokens.logp, seqs, mask, tok.reduce, &mut out.seq_logp)?;
+        self.target_and_fit(&out.seq_logp, logp_old, scores, groups, tcfg, fcfg, &mut out.group)?;
+        self.broadcast_sequence_grad(&out.group.fit.grad, seqs, mask, tok.reduce, &mut out.token_grad)?;
+        match out.grad_logits.as_mut() {
+            Some(g) => self.logits_backward(logits, vocab, tokens, &out.tokens, &out.token_grad, tok, g),
+            None => self.logits_backward_in_place(logits, vocab, tokens, &out.tokens, &out.token_grad, tok),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_bwd<T: DeviceFloat>(
+        &self,
+        p_z: u64,
+        p_g: u64,
+        vocab: usize,
+        rows: usize,
+        tokens: &CudaSlice<u32>,
+        fwd: &TokenBuffers,
+        token_grad: &CudaSlice<f32>,
+        cfg: &TokenConfig,
+    ) -> Result<()> {
+        let _range = self.range("tpo::logits_backward");
+        let s = &self.stream;
+        let (p_y, _a) = tokens.device_ptr(s);
+        let (p_m, _b) = fwd.row_max.device_ptr(s);
+        let (p_ls, _d) = fwd.log_sum.device_ptr(s);
+        let (p_tg, _c) = token_grad.device_ptr(s);
+        let params = TokenParams {
+            logits: p_z,
+            grad_out: p_g,
+            tokens: p_y,
+            logp: 0,
+            lse: 0,
+            row_max: p_m,
+            log_sum: p_ls,
+            entropy: 0,
+            token_grad: p_tg,
+            status: 0,
+            rows: rows as i64,
+            vocab: vocab as i64,
+            inv_tau: (1.0 / cfg.temperature) as f32,
+            pad: 0,
+        };
+        self.launch_rows(&format!("tpo_token_bwd_{}", T::SUFFIX), rows, params)
+    }
+
+    fn launch_rows(&self, name: &str, rows: usize, params: TokenParams) -> Result<()> {
+        let f = self.kernel(name)?;
+        let grid = (rows as u64).min(u64::from(self.sm_count) * 16).max(1) as u32;
+        let cfg =
+            LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&params);
+        // SAFETY: the caller checked every buffer against `rows` and `vocab` (logits and the
+        // gradient hold rows * vocab elements, per-token buffers rows); the kernel stays within
+        // them and only reads `tokens[t]`-th logits after checking `tokens[t] < vocab`.
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn seq_call(
+        &self,
+        name: &str,
+        seqs: &DeviceLayout,
+        mask: &CudaSlice<u8>,
+        reduce: SeqReduce,
+        token_logp: Option<&CudaSlice<f32>>,
+        seq_grad: Option<&CudaSlice<f32>>,
+        seq_out: Option<&mut CudaSlice<f32>>,
+        token_out: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        let l = &seqs.host;
+        l.check_len("mask", mask.len())?;
+        for (n, len, want) in [
+            ("token log-probs", token_logp.map(|x| x.len()), l.len()),
+            ("sequence gradient", seq_grad.map(|x| x.len()), l.num_groups()),
+            ("sequence output", seq_out.as_ref().map(|x| x.len()), l.num_groups()),
+            ("token gradient output", token_out.as_ref().map(|x| x.len()), l.len()),
+        ] {
+            if let Some(got) = len.filter(|&g| g != want) {
+                return Err(TpoError::LengthMismatch { name: n, got, expected: want });
+            }
+        }
+        // Uniform sequence layouts have no offsets on the device: upload them (once per call).
+        let owned;
+        let offsets = match seqs.offsets.as_ref() {
+            Some(o) => o,
+            None => {
+                owned = self.to_device(&l.offsets().iter().map(|&o| o as i64).collect::<Vec<_>>())?;
+                &owned
+            }
+        };
+        let s = &self.stream;
+        let (p_off, _a) = offsets.device_ptr(s);
+        let (p_m, _b) = mask.device_ptr(s);
+        let (p_tl, _c) = super::opt_ptr(token_logp, s);
+        let (p_sg, _d) = super::opt_ptr(seq_grad, s);
+        let (p_so, _e) = super::opt_ptr_mut(seq_out, s);
+        let (p_to, _f) = super::opt_ptr_mut(token_out, s);
+        let params = SeqParams {
+            token_logp: p_tl,
+            offsets: p_off,
+            mask: p_m,
+            seq_grad: p_sg,
+            seq_out: p_so,
+            token_grad_out: p_to,
+            n_seqs: l.num_groups() as i64,
+            mean: i32::from(reduce == SeqReduce::Mean),
+            pad: 0,
+        };
+        let f = self.kernel(name)?;
+        let grid = (l.num_groups() as u64).div_ceil(8).min(u64::from(self.sm_count) * 32).max(1) as u32;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&params);
+        // SAFETY: offsets hold num_seqs + 1 entries ending at mask.len(); every per-token and
+        // per-sequence buffer the kernel touches was checked against the layout above.
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
+        Ok(())
+    }
+}
+
+fn check_logits(len: usize, vocab: usize, rows: usize, cfg: &TokenConfig) -> Result<usize> {
+    if !(cfg.temperature.is_finite() && cfg.temperature > 0.0) {
+        return Err(TpoError::BadConfig {
+            name: "temperature",
+            requirement: "finite and > 0",
+            got: cfg.temperature,
+        });
+    }
+    if vocab == 0 || len != rows * vocab {
+        return Err(TpoError::LengthMismatch { name: "logits", got: len, expected: rows * vocab });
+    }
+    Ok(rows)
+}
+
+fn check_rows_len(rows: usize, fwd: &TokenBuffers, token_grad: usize) -> Result<()> {
+    for (name, got) in
+        [("row_max", fwd.row_max.len()), ("log_sum", fwd.log_sum.len()), ("token gradient", token_grad)]
+    {
+        if got != rows {
+            return Err(TpoError::LengthMismatch { name, got, expected: rows });
+        }
+    }
+    Ok(())
+}
