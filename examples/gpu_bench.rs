@@ -1,5 +1,5 @@
 //! Times the fused CUDA kernel on the benchmark shapes and measures the device's copy bandwidth in
-//! the same run; writes one JSON object per line (for scripts/bench_table.py) and prints a table.
+//! the same run, then the from-logits path at an LLM RL step's shape; writes one JSON object per line (for scripts/bench_table.py) and prints a table.
 //!
 //! `cargo run --release --features cuda --example gpu_bench -- [OUT.jsonl]`
 //!
@@ -108,6 +108,143 @@ fn bench<T: DeviceFloat>(tpo: &CudaTpo, copy_gbps: f64, rows: &mut Vec<String>) 
     Ok(())
 }
 
+/// The from-logits path (`CudaTpo::tpo_from_logits`, out of place) at an LLM RL step's shape:
+/// T = 16384 tokens = 128 sequences x 128 tokens (8 prompts x 16 completions), V = 151936, bf16.
+/// Bytes that must move: the logits read by the forward and again by the backward, and the
+/// gradient written once: 3 T V 2 bytes (the backward needs the group gradient, so the two passes
+/// cannot be fused).
+fn bench_logits(tpo: &CudaTpo, copy_gbps: f64, rows: &mut Vec<String>) -> tpo::Result<()> {
+    use tpo::cpu::tokens::TokenConfig;
+    let (nseq, len, vocab) = (128usize, 128usize, 151_936usize);
+    let t = nseq * len;
+    let mut rng = tpo::experiments::rng::Rng::new(3);
+    let mut z = Vec::with_capacity(t * vocab);
+    for _ in 0..t * vocab {
+        z.push(bf16::from_f32((8.0 * rng.uniform() - 4.0) as f32));
+    }
+    let toks: Vec<u32> = (0..t).map(|_| (rng.uniform() * vocab as f64) as u32 % vocab as u32).collect();
+    let mask: Vec<u8> = (0..t).map(|i| u8::from(i % len >= 16)).collect(); // 16 prompt tokens per sequence
+    let scores: Vec<f32> = (0..nseq).map(|_| if rng.uniform() < 0.5 { 1.0 } else { 0.0 }).collect();
+    let old: Vec<f32> = (0..nseq).map(|_| -100.0 * rng.uniform() as f32).collect();
+    let seqs = tpo.layout(&tpo::GroupLayout::uniform(nseq, len)?)?;
+    let groups = tpo.layout(&tpo::GroupLayout::uniform(8, 16)?)?;
+    let mut zd = tpo.to_device(&z)?;
+    drop(z);
+    let (y, m) = (tpo.to_device(&toks)?, tpo.to_device(&mask)?);
+    let (s, o) = (tpo.to_device(&scores)?, tpo.to_device(&old)?);
+    let mut out = tpo.alloc_logits_path::<bf16>(vocab, &seqs, &groups, false, false, false)?;
+    let (tok, tc, fc) = (TokenConfig::default(), TargetConfig::default(), FitConfig::default());
+    let mut err = None;
+    let mut call = |_: usize| {
+        if let Err(e) = tpo.tpo_from_logits(
+            &mut zd,
+            vocab,
+            &y,
+            &seqs,
+            &m,
+            &groups,
+            Some(&o),
+            &s,
+            &tok,
+            &tc,
+            &fc,
+            &mut out,
+        ) {
+            err.get_or_insert(e);
+        }
+    };
+    for i in 0..3 {
+        call(i);
+    }
+    let ms = time(tpo, 10, 2, &mut call)?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    tpo.check(&out.group.fit.status, &groups)?;
+    let bytes = 3 * (t * vocab * 2) as u64;
+    let gbps = bytes as f64 / (ms * 1e-3) / 1e9;
+    println!(
+        "tpo from-logits fwd+bwd T={t} V={vocab} bf16: {:.3} ms  {gbps:.1} GB/s  ({:.1}% of copy)",
+        ms,
+        100.0 * gbps / copy_gbps
+    );
+    rows.push(format!(
+        "{{\"impl\":\"tpo\",\"shape\":\"logits_T{t}_V{vocab}\",\"B\":{nseq},\"K\":{len},\"dtype\":\"bf16\",\"median_us\":{:.3},\"groups_per_s\":{:.4e},\"bytes\":{bytes},\"gbps\":{gbps:.1},\"copy_gbps\":{copy_gbps:.1}}}",
+        ms * 1e3,
+        8.0 / (ms * 1e-3)
+    ));
+    Ok(())
+}
+
+/// The fused linear path (`FusedLinear::tpo_from_hidden`): T = 16384 tokens (128 sequences of
+/// 128), V = 151936, H in {2048, 4096}, bf16, with a workspace budget of 5% of what the
+/// materialised bf16 logits would take. Reports time, the rate of its four GEMMs (8 T V H flops:
+/// logits, recomputed logits, dh, dW) and the workspace's share of the materialised logits.
+fn bench_hidden(tpo: &CudaTpo, rows: &mut Vec<String>) -> tpo::Result<()> {
+    use tpo::cpu::tokens::TokenConfig;
+    use tpo::cuda::FusedLinear;
+    let (nseq, len, vocab) = (128usize, 128usize, 151_936usize);
+    let t = nseq * len;
+    for dim in [2048usize, 4096] {
+        let mut rng = tpo::experiments::rng::Rng::new(dim as u64);
+        let h: Vec<bf16> = (0..t * dim).map(|_| bf16::from_f64(rng.normal() * 0.5)).collect();
+        let w: Vec<bf16> = (0..vocab * dim).map(|_| bf16::from_f64(rng.normal() * 0.02)).collect();
+        let toks: Vec<u32> = (0..t).map(|_| (rng.uniform() * vocab as f64) as u32 % vocab as u32).collect();
+        let mask: Vec<u8> = (0..t).map(|i| u8::from(i % len >= 16)).collect();
+        let scores: Vec<f32> = (0..nseq).map(|_| if rng.uniform() < 0.5 { 1.0 } else { 0.0 }).collect();
+        let old: Vec<f32> = (0..nseq).map(|_| -100.0 * rng.uniform() as f32).collect();
+        let seqs = tpo.layout(&tpo::GroupLayout::uniform(nseq, len)?)?;
+        let groups = tpo.layout(&tpo::GroupLayout::uniform(8, 16)?)?;
+        let (hd, wd) = (tpo.to_device(&h)?, tpo.to_device(&w)?);
+        drop((h, w));
+        let (y, m) = (tpo.to_device(&toks)?, tpo.to_device(&mask)?);
+        let (s, o) = (tpo.to_device(&scores)?, tpo.to_device(&old)?);
+        let logits_bytes = t * vocab * 2;
+        let mut fl = FusedLinear::new(tpo, vocab, dim, logits_bytes / 20)?;
+        let mut out = fl.alloc_outputs(tpo, &seqs, &groups)?;
+        let (tok, tc, fc) = (TokenConfig::default(), TargetConfig::default(), FitConfig::default());
+        let mut err = None;
+        let mut call = |_: usize| {
+            if let Err(e) = fl.tpo_from_hidden(
+                tpo,
+                &hd,
+                &wd,
+                &y,
+                &seqs,
+                &m,
+                &groups,
+                Some(&o),
+                &s,
+                &tok,
+                &tc,
+                &fc,
+                &mut out,
+            ) {
+                err.get_or_insert(e);
+            }
+        };
+        call(0);
+        let ms = time(tpo, 5, 1, &mut call)?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        tpo.check(&out.path.group.fit.status, &groups)?;
+        let tflops = 8.0 * (t * vocab * dim) as f64 / (ms * 1e-3) / 1e12;
+        let ws = fl.workspace_bytes() as f64 / logits_bytes as f64;
+        println!(
+            "tpo fused linear fwd+bwd T={t} H={dim} V={vocab}: {ms:.2} ms, {tflops:.0} TFLOP/s over its GEMMs, workspace {:.0} MB = {:.1}% of the logits",
+            fl.workspace_bytes() as f64 / 1e6,
+            100.0 * ws
+        );
+        rows.push(format!(
+            "{{\"impl\":\"tpo\",\"shape\":\"hidden_T{t}_H{dim}_V{vocab}\",\"B\":{nseq},\"K\":{len},\"dtype\":\"bf16\",\"median_us\":{:.1},\"groups_per_s\":{:.4e},\"bytes\":0,\"gbps\":0,\"copy_gbps\":1,\"tflops\":{tflops:.1},\"workspace_fraction\":{ws:.4}}}",
+            ms * 1e3,
+            8.0 / (ms * 1e-3)
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1);
     let tpo = CudaTpo::new(0)?;
@@ -130,6 +267,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rows = vec![format!("{{\"impl\":\"copy\",\"copy_gbps\":{copy_gbps:.1}}}")];
     bench::<f32>(&tpo, copy_gbps, &mut rows)?;
     bench::<bf16>(&tpo, copy_gbps, &mut rows)?;
+    drop((src, dst));
+    bench_logits(&tpo, copy_gbps, &mut rows)?;
+    bench_hidden(&tpo, &mut rows)?;
     if let Some(p) = path {
         let mut f = std::fs::File::create(p)?;
         for r in rows {

@@ -22,6 +22,9 @@ cp "$(cargo bench --features cuda --bench cuda --no-run --message-format=json | 
 cargo build --release --features cuda --bin tpo --example gpu_bench
 cp target/release/tpo target/release/examples/gpu_bench .gpu/bin/
 strip .gpu/bin/* 2>/dev/null || true
+# Liger-Kernel (pure Python, on Triton) for the fused-linear comparison; the GPU machine has no network.
+mkdir -p .gpu/wheels
+python3 -m pip download --quiet --no-deps --only-binary=:all: -d .gpu/wheels liger-kernel==0.8.5
 cp "$(ls -t target/release/build/tpo-*/out/ptxas-report.txt | head -n 1)" .gpu/ptxas-report.txt
 du -sh .gpu
 echo "gpu-build: ready; run 'bash scripts/gpu-run.sh' on the GPU machine with .gpu carried"

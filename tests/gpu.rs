@@ -563,3 +563,108 @@ mod logits_path {
         check_tokens_t::<f32>(2, 151_936, 20.0, 0.7, 8).unwrap();
     }
 }
+
+// ---- the fused linear path (linear.rs) ---------------------------------------------------------
+
+mod fused_linear {
+    use super::*;
+    use tpo::cpu::tokens::{self, SeqReduce, TargetSource, TokenConfig};
+    use tpo::cuda::{FusedLinear, GEMM_TILE};
+
+    /// bf16 bound for the fused linear path. The GPU rounds the logits to bf16 (its workspace dtype)
+    /// and the logits gradient to bf16 before the two backward GEMMs; the reference here gets the
+    /// same bf16 logits, so log-probs and the loss are held to f32 accuracy plus one bf16 ulp of a
+    /// logit (`2^-8` relative, as the GEMM's f32 accumulation may round a logit the other way),
+    /// and the hidden and weight gradients to `2^-7` of their scale (the bf16 rounding of dz).
+    const LOGIT_RTOL: f64 = 1.0 / 256.0;
+    const GRAD_RTOL: f64 = 1.0 / 128.0;
+
+    #[test]
+    fn matches_reference_and_log_probs_do_not_depend_on_the_chunk_size() {
+        let tpo = gpu().lock().unwrap();
+        let (nseq, len, vocab, dim) = (6usize, 50usize, 1000usize, 64usize); // T = 300: 2 tiles + a tail
+        let t = nseq * len;
+        let mut rng = tpo::experiments::rng::Rng::new(11);
+        let h: Vec<bf16> = (0..t * dim).map(|_| bf16::from_f64(rng.normal() * 0.5)).collect();
+        let w: Vec<bf16> = (0..vocab * dim).map(|_| bf16::from_f64(rng.normal() * 0.2)).collect();
+        let toks: Vec<u32> = (0..t).map(|_| (rng.uniform() * vocab as f64) as u32 % vocab as u32).collect();
+        let mask: Vec<bool> = (0..t).map(|i| i % len >= 5).collect();
+        let scores: Vec<f32> = (0..nseq).map(|i| (i % 2) as f32).collect();
+        let old: Vec<f32> = (0..nseq).map(|_| -(200.0 * rng.uniform()) as f32).collect();
+        let seqs_h = GroupLayout::uniform(nseq, len).unwrap();
+        let groups_h = GroupLayout::uniform(2, 3).unwrap();
+        let (seqs, groups) = (tpo.layout(&seqs_h).unwrap(), tpo.layout(&groups_h).unwrap());
+        let (hd, wd) = (tpo.to_device(&h).unwrap(), tpo.to_device(&w).unwrap());
+        let y = tpo.to_device(&toks).unwrap();
+        let m = tpo.to_device(&mask.iter().map(|&b| u8::from(b)).collect::<Vec<_>>()).unwrap();
+        let (s, o) = (tpo.to_device(&scores).unwrap(), tpo.to_device(&old).unwrap());
+        let tok = TokenConfig { temperature: 1.0, entropy: false, reduce: SeqReduce::Sum };
+        let (tc, fc) = (TargetConfig::default(), FitConfig::default());
+        let mut runs = Vec::new();
+        for tiles in [1usize, 2, 3] {
+            let mut fl = FusedLinear::new(&tpo, vocab, dim, tiles * GEMM_TILE * vocab * 2).unwrap();
+            assert_eq!(fl.chunk_rows(), tiles * GEMM_TILE);
+            let mut out = fl.alloc_outputs(&tpo, &seqs, &groups).unwrap();
+            poison(&tpo, &mut out.grad_hidden);
+            poison(&tpo, &mut out.grad_weight);
+            poison(&tpo, &mut out.path.tokens.logp);
+            fl.tpo_from_hidden(
+                &tpo,
+                &hd,
+                &wd,
+                &y,
+                &seqs,
+                &m,
+                &groups,
+                Some(&o),
+                &s,
+                &tok,
+                &tc,
+                &fc,
+                &mut out,
+            )
+            .unwrap();
+            tpo.check(&out.path.group.fit.status, &groups).unwrap();
+            runs.push((
+                host(&tpo, &out.path.tokens.logp),
+                host(&tpo, &out.grad_hidden),
+                host(&tpo, &out.grad_weight),
+                host(&tpo, &out.path.group.fit.loss),
+            ));
+        }
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&runs[0].0), bits(&runs[1].0), "log-probs depend on the chunk size");
+        assert_eq!(bits(&runs[0].0), bits(&runs[2].0), "log-probs depend on the chunk size");
+        // Reference on the same bf16 logits.
+        let hw: Vec<f64> = h.iter().map(|x| x.to_f64()).collect();
+        let ww: Vec<f64> = w.iter().map(|x| x.to_f64()).collect();
+        let z: Vec<f64> = tokens::linear_logits(&hw, &ww, dim)
+            .unwrap()
+            .into_iter()
+            .map(|x| bf16::from_f64(x).to_f64())
+            .collect();
+        let (sw, ow): (Vec<f64>, Vec<f64>) =
+            (scores.iter().map(|&x| f64::from(x)).collect(), old.iter().map(|&x| f64::from(x)).collect());
+        let src = TargetSource::Rollout { logp_old: &ow, scores: &sw };
+        let want = tokens::tpo_from_logits(&z, vocab, &toks, &seqs_h, &mask, &groups_h, src, &tok, &tc, &fc)
+            .unwrap();
+        let (logp, gh, gw, loss) = &runs[0];
+        within("logp", logp, &want.tokens.logp, 1.0, LOGIT_RTOL).unwrap();
+        within("loss", loss, &[want.fit.loss], 0.0, LOGIT_RTOL).unwrap();
+        // dh = dz W and dW = dz^T h on the reference's dz.
+        let mut gh_ref = vec![0.0; t * dim];
+        let mut gw_ref = vec![0.0; vocab * dim];
+        for r in 0..t {
+            for v in 0..vocab {
+                let d = want.grad_logits[r * vocab + v];
+                for k in 0..dim {
+                    gh_ref[r * dim + k] += d * ww[v * dim + k];
+                    gw_ref[v * dim + k] += d * hw[r * dim + k];
+                }
+            }
+        }
+        let scale = |v: &[f64]| v.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+        within("grad_hidden", gh, &gh_ref, scale(&gh_ref), GRAD_RTOL).unwrap();
+        within("grad_weight", gw, &gw_ref, scale(&gw_ref), GRAD_RTOL).unwrap();
+    }
+}

@@ -37,7 +37,9 @@ use std::sync::Arc;
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
+mod linear;
 mod tokens;
+pub use linear::{FusedLinear, LinearOutputs, GEMM_TILE};
 pub use tokens::{LogitsPathBuffers, TokenBuffers};
 
 /// The architecture the embedded PTX targets (`TPO_CUDA_ARCH` at build time).

@@ -23,21 +23,21 @@ const ROW_THREADS: u32 = 256;
 /// Must match `struct TokenParams` in kernels/tokens.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct TokenParams {
-    logits: u64,
-    grad_out: u64,
-    tokens: u64,
-    logp: u64,
-    lse: u64,
-    row_max: u64,
-    log_sum: u64,
-    entropy: u64,
-    token_grad: u64,
-    status: u64,
-    rows: i64,
-    vocab: i64,
-    inv_tau: f32,
-    pad: i32,
+pub(super) struct TokenParams {
+    pub(super) logits: u64,
+    pub(super) grad_out: u64,
+    pub(super) tokens: u64,
+    pub(super) logp: u64,
+    pub(super) lse: u64,
+    pub(super) row_max: u64,
+    pub(super) log_sum: u64,
+    pub(super) entropy: u64,
+    pub(super) token_grad: u64,
+    pub(super) status: u64,
+    pub(super) rows: i64,
+    pub(super) vocab: i64,
+    pub(super) inv_tau: f32,
+    pub(super) pad: i32,
 }
 // SAFETY: repr(C), Copy, plain integers and floats matching the C struct passed by value.
 unsafe impl DeviceRepr for TokenParams {}
@@ -323,7 +323,7 @@ impl CudaTpo {
         self.launch_rows(&format!("tpo_token_bwd_{}", T::SUFFIX), rows, params)
     }
 
-    fn launch_rows(&self, name: &str, rows: usize, params: TokenParams) -> Result<()> {
+    pub(super) fn launch_rows(&self, name: &str, rows: usize, params: TokenParams) -> Result<()> {
         let f = self.kernel(name)?;
         let grid = (rows as u64).min(u64::from(self.sm_count) * 16).max(1) as u32;
         let cfg =
