@@ -20,7 +20,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use std::sync::OnceLock;
 use tpo::cuda::{CudaTpo, DeviceFloat, DeviceLayout};
-use tpo::{bf16, cpu, f16, Anchor, FitConfig, GroupLayout, LossForm, Reduction, TargetConfig};
+use tpo::{bf16, cpu, f16, FitConfig, GroupLayout, TargetConfig};
 
 /// Cases per property: `TPO_GPU_CASES` overrides (the sanitizer runs use few).
 fn cases(default: u32) -> u32 {
@@ -176,28 +176,7 @@ fn check_split<T: DeviceFloat, G: DeviceFloat>(
 }
 
 fn configs() -> impl Strategy<Value = (TargetConfig, FitConfig)> {
-    (
-        prop_oneof![Just(1.0), 0.1..10.0f64],
-        any::<bool>(),
-        prop_oneof![Just(LossForm::CrossEntropy), Just(LossForm::Kl)],
-        prop_oneof![
-            Just(Reduction::Mean),
-            Just(Reduction::Sum),
-            (1.0..1e4f64).prop_map(Reduction::GlobalMean)
-        ],
-        -3.0..3.0f64,
-        any::<bool>(),
-    )
-        .prop_map(|(eta, anchored, form, reduction, grad_scale, diagnostics)| {
-            (
-                TargetConfig {
-                    eta,
-                    anchor: if anchored { Anchor::Anchored } else { Anchor::NoAnchor },
-                    ..TargetConfig::default()
-                },
-                FitConfig { form, reduction, grad_scale, diagnostics },
-            )
-        })
+    kernel_configs(any::<bool>())
 }
 
 /// Log-probs of thousands in magnitude, with -inf exclusions in some members (never a whole group).

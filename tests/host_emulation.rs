@@ -14,7 +14,7 @@ use proptest::test_runner::TestCaseError;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use tpo::status::decode_status;
-use tpo::{bf16, cpu, f16, Anchor, FitConfig, GroupLayout, LossForm, Reduction, Scalar, TargetConfig};
+use tpo::{bf16, cpu, f16, Anchor, FitConfig, GroupLayout, LossForm, Scalar, TargetConfig};
 
 fn harness() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -104,27 +104,7 @@ fn round<T: Scalar>(v: &[f64]) -> Vec<f64> {
 }
 
 fn configs() -> impl Strategy<Value = (TargetConfig, FitConfig)> {
-    (
-        prop_oneof![Just(1.0), 0.1..10.0f64],
-        any::<bool>(),
-        prop_oneof![Just(LossForm::CrossEntropy), Just(LossForm::Kl)],
-        prop_oneof![
-            Just(Reduction::Mean),
-            Just(Reduction::Sum),
-            (1.0..1e4f64).prop_map(Reduction::GlobalMean)
-        ],
-        -3.0..3.0f64,
-    )
-        .prop_map(|(eta, anchored, form, reduction, grad_scale)| {
-            (
-                TargetConfig {
-                    eta,
-                    anchor: if anchored { Anchor::Anchored } else { Anchor::NoAnchor },
-                    ..TargetConfig::default()
-                },
-                FitConfig { form, reduction, grad_scale, diagnostics: true },
-            )
-        })
+    kernel_configs(Just(true))
 }
 
 fn check_fused(

@@ -147,3 +147,33 @@ pub fn run_harness(bin: &std::path::Path, input: &str) -> Vec<String> {
 pub fn fmt_nums(v: &[f64]) -> String {
     v.iter().map(|x| format!("{x:e} ")).collect::<String>().replace("NaN", "nan")
 }
+
+/// Target and fit configurations the kernel suites draw from: eta, anchoring, loss form,
+/// reduction, upstream scale; diagnostics on when `diagnostics` draws true.
+pub fn kernel_configs(
+    diagnostics: impl Strategy<Value = bool>,
+) -> impl Strategy<Value = (tpo::TargetConfig, tpo::FitConfig)> {
+    use tpo::{Anchor, FitConfig, LossForm, Reduction, TargetConfig};
+    (
+        prop_oneof![Just(1.0), 0.1..10.0f64],
+        any::<bool>(),
+        prop_oneof![Just(LossForm::CrossEntropy), Just(LossForm::Kl)],
+        prop_oneof![
+            Just(Reduction::Mean),
+            Just(Reduction::Sum),
+            (1.0..1e4f64).prop_map(Reduction::GlobalMean)
+        ],
+        -3.0..3.0f64,
+        diagnostics,
+    )
+        .prop_map(|(eta, anchored, form, reduction, grad_scale, diagnostics)| {
+            (
+                TargetConfig {
+                    eta,
+                    anchor: if anchored { Anchor::Anchored } else { Anchor::NoAnchor },
+                    ..TargetConfig::default()
+                },
+                FitConfig { form, reduction, grad_scale, diagnostics },
+            )
+        })
+}
