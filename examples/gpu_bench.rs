@@ -114,7 +114,8 @@ fn bench<T: DeviceFloat>(tpo: &CudaTpo, copy_gbps: f64, rows: &mut Vec<String>) 
 /// gradient written once: 3 T V 2 bytes (the backward needs the group gradient, so the two passes
 /// cannot be fused).
 fn bench_logits(tpo: &CudaTpo, copy_gbps: f64, rows: &mut Vec<String>) -> tpo::Result<()> {
-    use tpo::cpu::tokens::TokenConfig;
+    use tpo::cpu::tokens::PathConfig;
+    use tpo::cuda::{DeviceSequenceBatch, DeviceTarget, PathAlloc};
     let (nseq, len, vocab) = (128usize, 128usize, 151_936usize);
     let t = nseq * len;
     let mut rng = tpo::experiments::rng::Rng::new(3);
@@ -132,24 +133,13 @@ fn bench_logits(tpo: &CudaTpo, copy_gbps: f64, rows: &mut Vec<String>) -> tpo::R
     drop(z);
     let (y, m) = (tpo.to_device(&toks)?, tpo.to_device(&mask)?);
     let (s, o) = (tpo.to_device(&scores)?, tpo.to_device(&old)?);
-    let mut out = tpo.alloc_logits_path::<bf16>(vocab, &seqs, &groups, false, false, false)?;
-    let (tok, tc, fc) = (TokenConfig::default(), TargetConfig::default(), FitConfig::default());
+    let mut out = tpo.alloc_logits_path::<bf16>(vocab, &seqs, &groups, PathAlloc::default())?;
+    let batch = DeviceSequenceBatch { tokens: &y, seqs: &seqs, mask: &m, groups: &groups };
+    let source = DeviceTarget::Rollout { logp_old: &o, scores: &s };
+    let cfg = PathConfig::default();
     let mut err = None;
     let mut call = |_: usize| {
-        if let Err(e) = tpo.tpo_from_logits(
-            &mut zd,
-            vocab,
-            &y,
-            &seqs,
-            &m,
-            &groups,
-            Some(&o),
-            &s,
-            &tok,
-            &tc,
-            &fc,
-            &mut out,
-        ) {
+        if let Err(e) = tpo.tpo_from_logits(&mut zd, vocab, &batch, source, &cfg, &mut out) {
             err.get_or_insert(e);
         }
     };
@@ -181,8 +171,8 @@ fn bench_logits(tpo: &CudaTpo, copy_gbps: f64, rows: &mut Vec<String>) -> tpo::R
 /// materialised bf16 logits would take. Reports time, the rate of its four GEMMs (8 T V H flops:
 /// logits, recomputed logits, dh, dW) and the workspace's share of the materialised logits.
 fn bench_hidden(tpo: &CudaTpo, rows: &mut Vec<String>) -> tpo::Result<()> {
-    use tpo::cpu::tokens::TokenConfig;
-    use tpo::cuda::FusedLinear;
+    use tpo::cpu::tokens::PathConfig;
+    use tpo::cuda::{DeviceSequenceBatch, DeviceTarget, FusedLinear, PathAlloc};
     let (nseq, len, vocab) = (128usize, 128usize, 151_936usize);
     let t = nseq * len;
     for dim in [2048usize, 4096] {
@@ -201,25 +191,13 @@ fn bench_hidden(tpo: &CudaTpo, rows: &mut Vec<String>) -> tpo::Result<()> {
         let (s, o) = (tpo.to_device(&scores)?, tpo.to_device(&old)?);
         let logits_bytes = t * vocab * 2;
         let mut fl = FusedLinear::new(tpo, vocab, dim, logits_bytes / 20)?;
-        let mut out = fl.alloc_outputs(tpo, &seqs, &groups)?;
-        let (tok, tc, fc) = (TokenConfig::default(), TargetConfig::default(), FitConfig::default());
+        let mut out = fl.alloc_outputs(tpo, &seqs, &groups, PathAlloc::default())?;
+        let batch = DeviceSequenceBatch { tokens: &y, seqs: &seqs, mask: &m, groups: &groups };
+        let source = DeviceTarget::Rollout { logp_old: &o, scores: &s };
+        let cfg = PathConfig::default();
         let mut err = None;
         let mut call = |_: usize| {
-            if let Err(e) = fl.tpo_from_hidden(
-                tpo,
-                &hd,
-                &wd,
-                &y,
-                &seqs,
-                &m,
-                &groups,
-                Some(&o),
-                &s,
-                &tok,
-                &tc,
-                &fc,
-                &mut out,
-            ) {
+            if let Err(e) = fl.tpo_from_hidden(tpo, &hd, &wd, &batch, source, &cfg, &mut out) {
                 err.get_or_insert(e);
             }
         };

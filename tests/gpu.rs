@@ -414,7 +414,8 @@ fn tabular_experiment_on_the_gpu_matches_the_cpu() {
 
 mod logits_path {
     use super::*;
-    use tpo::cpu::tokens::{self, SeqReduce, TargetSource, TokenConfig};
+    use tpo::cpu::tokens::{self, PathConfig, SeqReduce, SequenceBatch, TargetSource, TokenConfig};
+    use tpo::cuda::{DeviceSequenceBatch, DeviceTarget, PathAlloc};
 
     fn rand_logits(rows: usize, vocab: usize, scale: f64, seed: u64) -> Vec<f64> {
         let mut rng = tpo::experiments::rng::Rng::new(seed);
@@ -497,7 +498,7 @@ mod logits_path {
         fn end_to_end_from_logits(
             lens in prop::collection::vec(1usize..12, 2..10),
             vocab in prop_oneof![2usize..50, 300usize..700],
-            on_policy in any::<bool>(),
+            src_kind in 0u8..3,
             mean in any::<bool>(),
             seed in any::<u64>(),
         ) {
@@ -519,15 +520,26 @@ mod logits_path {
             let m = tpo.to_device(&mask.iter().map(|&b| u8::from(b)).collect::<Vec<_>>()).unwrap();
             let s = tpo.to_device(&scores).unwrap();
             let o = tpo.to_device(&old).unwrap();
-            let fc = FitConfig::default();
-            let mut out = tpo.alloc_logits_path::<f32>(vocab, &seqs, &groups, false, false, false).unwrap();
+            let cfg = PathConfig { tokens: tok, target: TargetConfig::default(), fit: FitConfig { diagnostics: true, ..FitConfig::default() } };
+            // A stored target: q from the rollout log-probs, kept as f32 (as CudaTpo::target writes it).
+            let (sw, ow): (Vec<f64>, Vec<f64>) = (scores.iter().map(|&x| f64::from(x)).collect(), old.iter().map(|&x| f64::from(x)).collect());
+            let q32: Vec<f32> = tokens::rollout_target(&ow, &sw, &groups_h, &cfg.target).unwrap().iter().map(|&x| x as f32).collect();
+            let qw: Vec<f64> = q32.iter().map(|&x| f64::from(x)).collect();
+            let qd = tpo.to_device(&q32).unwrap();
+            let (dsrc, src) = match src_kind {
+                0 => (DeviceTarget::OnPolicy { scores: &s }, TargetSource::OnPolicy { scores: &sw }),
+                1 => (DeviceTarget::Rollout { logp_old: &o, scores: &s }, TargetSource::Rollout { logp_old: &ow, scores: &sw }),
+                _ => (DeviceTarget::Stored { target: &qd }, TargetSource::Stored { target: &qw }),
+            };
+            let alloc = PathAlloc { stats: true, stored_target: src_kind == 2, ..PathAlloc::default() };
+            let mut out = tpo.alloc_logits_path::<f32>(vocab, &seqs, &groups, alloc).unwrap();
             poison(&tpo, out.grad_logits.as_mut().unwrap());
-            tpo.tpo_from_logits(&mut z, vocab, &y, &seqs, &m, &groups, (!on_policy).then_some(&o), &s, &tok, &TargetConfig::default(), &fc, &mut out).unwrap();
+            let batch = DeviceSequenceBatch { tokens: &y, seqs: &seqs, mask: &m, groups: &groups };
+            tpo.tpo_from_logits(&mut z, vocab, &batch, dsrc, &cfg, &mut out).unwrap();
             tpo.check(&out.group.fit.status, &groups).unwrap();
             let zw: Vec<f64> = zf.iter().map(|&x| f64::from(x)).collect();
-            let (sw, ow): (Vec<f64>, Vec<f64>) = (scores.iter().map(|&x| f64::from(x)).collect(), old.iter().map(|&x| f64::from(x)).collect());
-            let src = if on_policy { TargetSource::OnPolicy { scores: &sw } } else { TargetSource::Rollout { logp_old: &ow, scores: &sw } };
-            let want = tokens::tpo_from_logits(&zw, vocab, &toks, &seqs_h, &mask, &groups_h, src, &tok, &TargetConfig::default(), &fc).unwrap();
+            let hb = SequenceBatch { tokens: &toks, seqs: &seqs_h, mask: &mask, groups: &groups_h };
+            let want = tokens::tpo_from_logits(&zw, vocab, &hb, src, &cfg).unwrap();
             let lscale = 1.0 + want.seq_logp.iter().fold(0.0f64, |a, x| a.max(x.abs()));
             compare("seq_logp", &host(&tpo, &out.seq_logp), &want.seq_logp, lscale, 0.0)?;
             compare("loss", &host(&tpo, &out.group.fit.loss), &[want.fit.loss], 0.0, 1e-5)?;
@@ -547,8 +559,8 @@ mod logits_path {
 
 mod fused_linear {
     use super::*;
-    use tpo::cpu::tokens::{self, SeqReduce, TargetSource, TokenConfig};
-    use tpo::cuda::{FusedLinear, GEMM_TILE};
+    use tpo::cpu::tokens::{self, PathConfig, SeqReduce, SequenceBatch, TargetSource, TokenConfig};
+    use tpo::cuda::{DeviceSequenceBatch, DeviceTarget, FusedLinear, PathAlloc, GEMM_TILE};
 
     /// bf16 bound for the fused linear path. The GPU rounds the logits to bf16 (its workspace dtype)
     /// and the logits gradient to bf16 before the two backward GEMMs; the reference here gets the
@@ -578,31 +590,18 @@ mod fused_linear {
         let m = tpo.to_device(&mask.iter().map(|&b| u8::from(b)).collect::<Vec<_>>()).unwrap();
         let (s, o) = (tpo.to_device(&scores).unwrap(), tpo.to_device(&old).unwrap());
         let tok = TokenConfig { temperature: 1.0, entropy: false, reduce: SeqReduce::Sum };
-        let (tc, fc) = (TargetConfig::default(), FitConfig::default());
+        let cfg = PathConfig { tokens: tok, ..PathConfig::default() };
+        let batch = DeviceSequenceBatch { tokens: &y, seqs: &seqs, mask: &m, groups: &groups };
         let mut runs = Vec::new();
         for tiles in [1usize, 2, 3] {
             let mut fl = FusedLinear::new(&tpo, vocab, dim, tiles * GEMM_TILE * vocab * 2).unwrap();
             assert_eq!(fl.chunk_rows(), tiles * GEMM_TILE);
-            let mut out = fl.alloc_outputs(&tpo, &seqs, &groups).unwrap();
+            let mut out = fl.alloc_outputs(&tpo, &seqs, &groups, PathAlloc::default()).unwrap();
             poison(&tpo, &mut out.grad_hidden);
             poison(&tpo, &mut out.grad_weight);
             poison(&tpo, &mut out.path.tokens.logp);
-            fl.tpo_from_hidden(
-                &tpo,
-                &hd,
-                &wd,
-                &y,
-                &seqs,
-                &m,
-                &groups,
-                Some(&o),
-                &s,
-                &tok,
-                &tc,
-                &fc,
-                &mut out,
-            )
-            .unwrap();
+            let source = DeviceTarget::Rollout { logp_old: &o, scores: &s };
+            fl.tpo_from_hidden(&tpo, &hd, &wd, &batch, source, &cfg, &mut out).unwrap();
             tpo.check(&out.path.group.fit.status, &groups).unwrap();
             runs.push((
                 host(&tpo, &out.path.tokens.logp),
@@ -625,8 +624,8 @@ mod fused_linear {
         let (sw, ow): (Vec<f64>, Vec<f64>) =
             (scores.iter().map(|&x| f64::from(x)).collect(), old.iter().map(|&x| f64::from(x)).collect());
         let src = TargetSource::Rollout { logp_old: &ow, scores: &sw };
-        let want = tokens::tpo_from_logits(&z, vocab, &toks, &seqs_h, &mask, &groups_h, src, &tok, &tc, &fc)
-            .unwrap();
+        let hb = SequenceBatch { tokens: &toks, seqs: &seqs_h, mask: &mask, groups: &groups_h };
+        let want = tokens::tpo_from_logits(&z, vocab, &hb, src, &cfg).unwrap();
         let (logp, gh, gw, loss) = &runs[0];
         within("logp", logp, &want.tokens.logp, 1.0, LOGIT_RTOL).unwrap();
         within("loss", loss, &[want.fit.loss], 0.0, LOGIT_RTOL).unwrap();

@@ -21,6 +21,9 @@ struct Packed {
 }
 
 impl Packed {
+    fn batch<'a>(&'a self, seqs: &'a GroupLayout, groups: &'a GroupLayout) -> SequenceBatch<'a> {
+        SequenceBatch { tokens: &self.tokens, seqs, mask: &self.mask, groups }
+    }
     fn seqs(&self) -> GroupLayout {
         GroupLayout::from_sizes(&self.seq_lens).unwrap()
     }
@@ -177,12 +180,14 @@ proptest! {
             1 => TargetSource::Stored { target: &stored },
             _ => TargetSource::OnPolicy { scores: &p.scores },
         };
-        let out = tpo_from_logits(&p.logits, p.vocab, &p.tokens, &seqs, &p.mask, &groups, source(src), &cfg, &tc, &fc).unwrap();
+        let b = p.batch(&seqs, &groups);
+        let pc = PathConfig { tokens: cfg, target: tc, fit: fc };
+        let out = tpo_from_logits(&p.logits, p.vocab, &b, source(src), &pc).unwrap();
         // On-policy, the target depends on l; the fused call's gradient treats it as fixed (as
         // the method does), so differentiate with the target frozen at its value.
         let frozen = TargetSource::Stored { target: &out.target };
         let src_fd = if src == 2 { frozen } else { source(src) };
-        let loss = |z: &[f64]| 1.3 * tpo_from_logits(z, p.vocab, &p.tokens, &seqs, &p.mask, &groups, src_fd, &cfg, &tc, &fc).unwrap().fit.loss;
+        let loss = |z: &[f64]| 1.3 * tpo_from_logits(z, p.vocab, &b, src_fd, &pc).unwrap().fit.loss;
         let h = 1e-6;
         let mut z = p.logits.clone();
         for i in 0..z.len() {
@@ -216,12 +221,11 @@ proptest! {
         let hidden = &hseed[..n * dim];
         let weight = &wseed[..p.vocab * dim];
         let (seqs, groups) = (p.seqs(), p.groups());
-        let tc = TargetConfig::default();
-        let fc = FitConfig::default();
-        let cfg = TokenConfig::default();
+        let pc = PathConfig::default();
+        let b = p.batch(&seqs, &groups);
         let src = TargetSource::Rollout { logp_old: &p.logp_old, scores: &p.scores };
-        let out = tpo_from_hidden(hidden, weight, dim, &p.tokens, &seqs, &p.mask, &groups, src, &cfg, &tc, &fc).unwrap();
-        let loss = |h: &[f64], w: &[f64]| tpo_from_hidden(h, w, dim, &p.tokens, &seqs, &p.mask, &groups, src, &cfg, &tc, &fc).unwrap().logits_path.fit.loss;
+        let out = tpo_from_hidden(hidden, weight, dim, &b, src, &pc).unwrap();
+        let loss = |h: &[f64], w: &[f64]| tpo_from_hidden(h, w, dim, &b, src, &pc).unwrap().logits_path.fit.loss;
         let e = 1e-6;
         let mut h = hidden.to_vec();
         for i in 0..h.len() {
@@ -247,7 +251,7 @@ proptest! {
         }
         // And the logits path on the materialised logits is the same computation.
         let z = linear_logits(hidden, weight, dim).unwrap();
-        let direct = tpo_from_logits(&z, p.vocab, &p.tokens, &seqs, &p.mask, &groups, src, &cfg, &tc, &fc).unwrap();
+        let direct = tpo_from_logits(&z, p.vocab, &b, src, &pc).unwrap();
         prop_assert_eq!(direct, out.logits_path);
     }
 

@@ -257,6 +257,30 @@ pub fn linear_logits<T: Scalar>(hidden: &[T], weight: &[T], dim: usize) -> Resul
     Ok(z)
 }
 
+/// The sequence side of a batch: sampled tokens packed into sequences, which form the groups.
+#[derive(Debug, Clone, Copy)]
+pub struct SequenceBatch<'a> {
+    /// Sampled token ids `[T]`.
+    pub tokens: &'a [u32],
+    /// Sequences as ranges of tokens (cu_seqlens-style; a [`GroupLayout`] over the `T` tokens).
+    pub seqs: &'a GroupLayout,
+    /// Completion mask `[T]`: `true` for tokens that count towards `l_i`.
+    pub mask: &'a [bool],
+    /// Groups (prompts) as ranges of sequences (a [`GroupLayout`] over the sequences).
+    pub groups: &'a GroupLayout,
+}
+
+/// Token, target and fit configuration of the end-to-end calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PathConfig {
+    /// Temperature, entropy and sequence reduction.
+    pub tokens: TokenConfig,
+    /// How the target is built (unused with a stored target).
+    pub target: TargetConfig,
+    /// Loss form, reduction, upstream scale, diagnostics.
+    pub fit: FitConfig,
+}
+
 /// Where the group target comes from in the end-to-end calls.
 #[derive(Debug, Clone, Copy)]
 pub enum TargetSource<'a> {
@@ -296,21 +320,17 @@ pub struct LogitsPath {
     pub grad_logits: Vec<f64>,
 }
 
-/// The whole path from logits to the gradient the model needs: token log-probs, sequence
-/// sums, the TPO group loss over `groups` (a layout over sequences) and the backward.
-#[allow(clippy::too_many_arguments)]
+/// The whole path from logits `[T, vocab]` to the gradient the model needs: token log-probs,
+/// sequence sums, the TPO group loss over the batch's groups and the backward.
 pub fn tpo_from_logits<T: Scalar>(
     logits: &[T],
     vocab: usize,
-    tokens: &[u32],
-    seqs: &GroupLayout,
-    mask: &[bool],
-    groups: &GroupLayout,
+    batch: &SequenceBatch,
     source: TargetSource,
-    tok: &TokenConfig,
-    tcfg: &TargetConfig,
-    fcfg: &FitConfig,
+    cfg: &PathConfig,
 ) -> Result<LogitsPath> {
+    let SequenceBatch { tokens, seqs, mask, groups } = *batch;
+    let (tok, tcfg, fcfg) = (&cfg.tokens, &cfg.target, &cfg.fit);
     let tl = token_logprobs(logits, vocab, tokens, tok)?;
     seqs.check_len("tokens", tl.logp.len())?;
     if groups.len() != seqs.num_groups() {
@@ -348,24 +368,19 @@ pub struct HiddenPath {
     pub grad_weight: Vec<f64>,
 }
 
-/// [`tpo_from_logits`] on `z = h W^T`, with the backward through the linear layer.
-#[allow(clippy::too_many_arguments)]
+/// [`tpo_from_logits`] on `z = h W^T` (hidden states `[T, dim]`, weight `[V, dim]`), with the
+/// backward through the linear layer.
 pub fn tpo_from_hidden<T: Scalar>(
     hidden: &[T],
     weight: &[T],
     dim: usize,
-    tokens: &[u32],
-    seqs: &GroupLayout,
-    mask: &[bool],
-    groups: &GroupLayout,
+    batch: &SequenceBatch,
     source: TargetSource,
-    tok: &TokenConfig,
-    tcfg: &TargetConfig,
-    fcfg: &FitConfig,
+    cfg: &PathConfig,
 ) -> Result<HiddenPath> {
     let z = linear_logits(hidden, weight, dim)?;
     let vocab = weight.len() / dim;
-    let lp = tpo_from_logits(&z, vocab, tokens, seqs, mask, groups, source, tok, tcfg, fcfg)?;
+    let lp = tpo_from_logits(&z, vocab, batch, source, cfg)?;
     let n = hidden.len() / dim;
     let mut gh = vec![0.0; hidden.len()];
     let mut gw = vec![0.0; weight.len()];

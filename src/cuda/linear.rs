@@ -15,10 +15,9 @@
 //! Status: written without a GPU; the GPU suite (tests/gpu.rs) checks it against
 //! [`crate::cpu::tokens::tpo_from_hidden`] and the chunk-size independence when run on one.
 
-use super::tokens::{LogitsPathBuffers, TokenParams};
+use super::tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers, PathAlloc, TokenParams};
 use super::{cuda_err, CudaTpo, DeviceLayout};
-use crate::config::{FitConfig, TargetConfig};
-use crate::cpu::tokens::TokenConfig;
+use crate::cpu::tokens::{PathConfig, TokenConfig};
 use crate::error::{Result, TpoError};
 use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
@@ -92,16 +91,18 @@ impl FusedLinear {
         self.workspace.len() * 2
     }
 
-    /// Allocates the outputs for a batch.
+    /// Allocates the outputs for a batch (`opts.in_place` is implied: the logits gradient lives
+    /// only in the workspace).
     pub fn alloc_outputs(
         &self,
         tpo: &CudaTpo,
         seqs: &DeviceLayout,
         groups: &DeviceLayout,
+        opts: PathAlloc,
     ) -> Result<LinearOutputs> {
         let t = seqs.host.len();
-        let mut path = tpo.alloc_logits_path::<bf16>(self.vocab, seqs, groups, false, false, true)?;
-        path.grad_logits = None;
+        let path =
+            tpo.alloc_logits_path::<bf16>(self.vocab, seqs, groups, PathAlloc { in_place: true, ..opts })?;
         Ok(LinearOutputs {
             path,
             grad_hidden: tpo.zeros(t * self.dim)?,
@@ -118,18 +119,13 @@ impl FusedLinear {
         tpo: &CudaTpo,
         hidden: &CudaSlice<bf16>,
         weight: &CudaSlice<bf16>,
-        tokens: &CudaSlice<u32>,
-        seqs: &DeviceLayout,
-        mask: &CudaSlice<u8>,
-        groups: &DeviceLayout,
-        logp_old: Option<&CudaSlice<f32>>,
-        scores: &CudaSlice<f32>,
-        tok: &TokenConfig,
-        tcfg: &TargetConfig,
-        fcfg: &FitConfig,
+        batch: &DeviceSequenceBatch,
+        source: DeviceTarget,
+        cfg: &PathConfig,
         out: &mut LinearOutputs,
     ) -> Result<()> {
-        let (t, v, d) = (seqs.host.len(), self.vocab, self.dim);
+        let (tokens, tok) = (batch.tokens, &cfg.tokens);
+        let (t, v, d) = (batch.seqs.host.len(), self.vocab, self.dim);
         for (name, got, want) in [
             ("hidden", hidden.len(), t * d),
             ("weight", weight.len(), v * d),
@@ -149,13 +145,6 @@ impl FusedLinear {
                 got: tok.temperature,
             });
         }
-        if groups.host.len() != seqs.host.num_groups() {
-            return Err(TpoError::LengthMismatch {
-                name: "sequences (the group layout counts sequences)",
-                got: seqs.host.num_groups(),
-                expected: groups.host.len(),
-            });
-        }
         let _range = tpo.range("tpo::tpo_from_hidden");
         tpo.reset(&mut out.path.tokens.status)?;
         // Forward: log-probs chunk by chunk.
@@ -165,10 +154,7 @@ impl FusedLinear {
             let p = self.row_params(tpo, tokens, &mut out.path, c0, rows, tok, 0);
             tpo.launch_rows("tpo_token_fwd_bf16", rows, p)?;
         }
-        let path = &mut out.path;
-        tpo.sequence_logprobs(&path.tokens.logp, seqs, mask, tok.reduce, &mut path.seq_logp)?;
-        tpo.target_and_fit(&path.seq_logp, logp_old, scores, groups, tcfg, fcfg, &mut path.group)?;
-        tpo.broadcast_sequence_grad(&path.group.fit.grad, seqs, mask, tok.reduce, &mut path.token_grad)?;
+        tpo.sequence_group_backward(batch, source, cfg, &mut out.path)?;
         // Backward: recompute each chunk, its gradient in place, then dh and dW.
         for c0 in (0..t).step_by(self.chunk_rows) {
             let rows = self.chunk_rows.min(t - c0);

@@ -40,7 +40,7 @@ mod kernels {
 mod linear;
 mod tokens;
 pub use linear::{FusedLinear, LinearOutputs, GEMM_TILE};
-pub use tokens::{LogitsPathBuffers, TokenBuffers};
+pub use tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers, PathAlloc, TokenBuffers};
 
 /// The architecture the embedded PTX targets (`TPO_CUDA_ARCH` at build time).
 pub const PTX_ARCH: &str = kernels::ARCH;

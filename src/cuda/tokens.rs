@@ -3,8 +3,7 @@
 //! [`crate::cpu::tokens`] for the formulas and the f64 reference).
 
 use super::{cuda_err, CudaTpo, DeviceFloat, DeviceLayout, DeviceStatus, FusedBuffers};
-use crate::config::{FitConfig, TargetConfig};
-use crate::cpu::tokens::{SeqReduce, TokenConfig};
+use crate::cpu::tokens::{PathConfig, SeqReduce, TokenConfig};
 use crate::error::{Result, TpoError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -59,6 +58,54 @@ struct SeqParams {
 // SAFETY: as for TokenParams.
 unsafe impl DeviceRepr for SeqParams {}
 
+/// The device side of a batch (see [`crate::cpu::tokens::SequenceBatch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceSequenceBatch<'a> {
+    /// Sampled token ids `[T]`.
+    pub tokens: &'a CudaSlice<u32>,
+    /// Sequences as ranges of the `T` tokens.
+    pub seqs: &'a DeviceLayout,
+    /// Completion mask `[T]`, 1 for tokens that count towards `l_i`.
+    pub mask: &'a CudaSlice<u8>,
+    /// Groups as ranges of sequences.
+    pub groups: &'a DeviceLayout,
+}
+
+/// Where the group target comes from on the device (see [`crate::cpu::tokens::TargetSource`]).
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceTarget<'a> {
+    /// First epoch, on-policy: the target is built from the sequence log-probs themselves.
+    OnPolicy {
+        /// One score per sequence.
+        scores: &'a CudaSlice<f32>,
+    },
+    /// First epoch with the rollout engine's sequence log-probs.
+    Rollout {
+        /// `l_old`, one per sequence.
+        logp_old: &'a CudaSlice<f32>,
+        /// One score per sequence.
+        scores: &'a CudaSlice<f32>,
+    },
+    /// A later epoch: the target stored at rollout (e.g. [`CudaTpo::target`]'s output).
+    Stored {
+        /// `q`, one per sequence.
+        target: &'a CudaSlice<f32>,
+    },
+}
+
+/// What [`CudaTpo::alloc_logits_path`] allocates besides the required buffers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathAlloc {
+    /// Per-token entropy.
+    pub entropy: bool,
+    /// Per-group diagnostics.
+    pub stats: bool,
+    /// Write `dL/dlogits` over the logits (no `grad_logits` buffer).
+    pub in_place: bool,
+    /// The batch will use [`DeviceTarget::Stored`] (diagnostics then have the fit's 3 rows).
+    pub stored_target: bool,
+}
+
 /// Per-token outputs of [`CudaTpo::token_logprobs`], allocated once for `rows` tokens.
 #[derive(Debug)]
 pub struct TokenBuffers {
@@ -105,24 +152,25 @@ impl CudaTpo {
         })
     }
 
-    /// Allocates [`LogitsPathBuffers`]; `grad_logits` is allocated unless the gradient will be
-    /// written in place over the logits.
+    /// Allocates [`LogitsPathBuffers`] for a batch shape, once.
     pub fn alloc_logits_path<G: DeviceFloat>(
         &self,
         vocab: usize,
         seqs: &DeviceLayout,
         groups: &DeviceLayout,
-        entropy: bool,
-        stats: bool,
-        in_place: bool,
+        opts: PathAlloc,
     ) -> Result<LogitsPathBuffers<G>> {
         let rows = seqs.host.len();
+        let mut group = self.alloc_fused::<f32>(groups, opts.stats)?;
+        if opts.stats && opts.stored_target {
+            group.fit.stats = Some(self.zeros(3 * groups.host.num_groups())?);
+        }
         Ok(LogitsPathBuffers {
-            tokens: self.alloc_tokens(rows, entropy)?,
+            tokens: self.alloc_tokens(rows, opts.entropy)?,
             seq_logp: self.zeros(seqs.host.num_groups())?,
-            group: self.alloc_fused::<f32>(groups, stats)?,
+            group,
             token_grad: self.zeros(rows)?,
-            grad_logits: if in_place { None } else { Some(self.zeros(rows * vocab)?) },
+            grad_logits: if opts.in_place { None } else { Some(self.zeros(rows * vocab)?) },
         })
     }
 
@@ -249,25 +297,38 @@ impl CudaTpo {
     }
 
     /// The whole path on the device (see [`crate::cpu::tokens::tpo_from_logits`]): token
-    /// log-probs, sequence sums, the fused TPO group call (on-policy when `logp_old` is `None`),
-    /// the broadcast and the backward to the logits (in place when `out.grad_logits` is `None`).
-    /// Seven launches, no allocation, no host synchronisation.
-    #[allow(clippy::too_many_arguments)]
+    /// log-probs, sequence sums, the TPO group call (building the target, or fitting a stored
+    /// one), the broadcast and the backward to the logits (in place when `out.grad_logits` is
+    /// `None`). Seven launches, no allocation, no host synchronisation.
     pub fn tpo_from_logits<T: DeviceFloat>(
         &self,
         logits: &mut CudaSlice<T>,
         vocab: usize,
-        tokens: &CudaSlice<u32>,
-        seqs: &DeviceLayout,
-        mask: &CudaSlice<u8>,
-        groups: &DeviceLayout,
-        logp_old: Option<&CudaSlice<f32>>,
-        scores: &CudaSlice<f32>,
-        tok: &TokenConfig,
-        tcfg: &TargetConfig,
-        fcfg: &FitConfig,
+        batch: &DeviceSequenceBatch,
+        source: DeviceTarget,
+        cfg: &PathConfig,
         out: &mut LogitsPathBuffers<T>,
     ) -> Result<()> {
+        let _range = self.range("tpo::tpo_from_logits");
+        self.token_logprobs(logits, vocab, batch.tokens, &cfg.tokens, &mut out.tokens)?;
+        self.sequence_group_backward(batch, source, cfg, out)?;
+        let (tok, y) = (&cfg.tokens, batch.tokens);
+        match out.grad_logits.as_mut() {
+            Some(g) => self.logits_backward(logits, vocab, y, &out.tokens, &out.token_grad, tok, g),
+            None => self.logits_backward_in_place(logits, vocab, y, &out.tokens, &out.token_grad, tok),
+        }
+    }
+
+    /// The part of the path between the token log-probs and the logits backward: sequence sums,
+    /// the group call, and the broadcast to per-token upstream gradients.
+    pub(super) fn sequence_group_backward<G: DeviceFloat>(
+        &self,
+        batch: &DeviceSequenceBatch,
+        source: DeviceTarget,
+        cfg: &PathConfig,
+        out: &mut LogitsPathBuffers<G>,
+    ) -> Result<()> {
+        let DeviceSequenceBatch { seqs, mask, groups, .. } = *batch;
         if groups.host.len() != seqs.host.num_groups() {
             return Err(TpoError::LengthMismatch {
                 name: "sequences (the group layout counts sequences)",
@@ -275,15 +336,32 @@ impl CudaTpo {
                 expected: groups.host.len(),
             });
         }
-        let _range = self.range("tpo::tpo_from_logits");
-        self.token_logprobs(logits, vocab, tokens, tok, &mut out.tokens)?;
-        self.sequence_logprobs(&out.tokens.logp, seqs, mask, tok.reduce, &mut out.seq_logp)?;
-        self.target_and_fit(&out.seq_logp, logp_old, scores, groups, tcfg, fcfg, &mut out.group)?;
-        self.broadcast_sequence_grad(&out.group.fit.grad, seqs, mask, tok.reduce, &mut out.token_grad)?;
-        match out.grad_logits.as_mut() {
-            Some(g) => self.logits_backward(logits, vocab, tokens, &out.tokens, &out.token_grad, tok, g),
-            None => self.logits_backward_in_place(logits, vocab, tokens, &out.tokens, &out.token_grad, tok),
+        let reduce = cfg.tokens.reduce;
+        self.sequence_logprobs(&out.tokens.logp, seqs, mask, reduce, &mut out.seq_logp)?;
+        match source {
+            DeviceTarget::OnPolicy { scores } => self.target_and_fit(
+                &out.seq_logp,
+                None,
+                scores,
+                groups,
+                &cfg.target,
+                &cfg.fit,
+                &mut out.group,
+            )?,
+            DeviceTarget::Rollout { logp_old, scores } => self.target_and_fit(
+                &out.seq_logp,
+                Some(logp_old),
+                scores,
+                groups,
+                &cfg.target,
+                &cfg.fit,
+                &mut out.group,
+            )?,
+            DeviceTarget::Stored { target } => {
+                self.fit(&out.seq_logp, target, groups, &cfg.fit, &mut out.group.fit)?
+            }
         }
+        self.broadcast_sequence_grad(&out.group.fit.grad, seqs, mask, reduce, &mut out.token_grad)
     }
 
     #[allow(clippy::too_many_arguments)]
