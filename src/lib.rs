@@ -38,6 +38,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod experiments;
+pub mod gemm_plan;
 pub mod layout;
 pub mod scalar;
 pub mod status;

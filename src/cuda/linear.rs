@@ -19,6 +19,7 @@ use super::tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers, PathAl
 use super::{cuda_err, CudaTpo, DeviceLayout};
 use crate::cpu::tokens::{PathConfig, TokenConfig};
 use crate::error::{Result, TpoError};
+use crate::gemm_plan;
 use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
@@ -197,18 +198,8 @@ impl FusedLinear {
             // Raw addresses (the guards are no-ops: event tracking is off, see CudaTpo::new).
             let w_ptr = weight.device_ptr(s).0;
             let z_ptr = self.workspace.device_ptr_mut(s).0 + (r0 * v * 2) as u64;
-            // Column-major view: Z^T (V x tile) = W (as Hd x V)^T * H^T (Hd x tile).
-            self.gemm(
-                bsys::cublasOperation_t::CUBLAS_OP_T,
-                bsys::cublasOperation_t::CUBLAS_OP_N,
-                v,
-                GEMM_TILE,
-                d,
-                (w_ptr, d, bsys::cudaDataType::CUDA_R_16BF),
-                (h_ptr, d, bsys::cudaDataType::CUDA_R_16BF),
-                (z_ptr, v, bsys::cudaDataType::CUDA_R_16BF),
-                0.0,
-            )?;
+            let bf = bsys::cudaDataType::CUDA_R_16BF;
+            self.gemm(&gemm_plan::logits(v, d, GEMM_TILE), (w_ptr, bf), (h_ptr, bf), (z_ptr, bf), 0.0)?;
         }
         Ok(())
     }
@@ -234,38 +225,28 @@ impl FusedLinear {
         let z_ptr = self.workspace.device_ptr(s).0 + (r0 * v * 2) as u64;
         let dh_ptr = out.grad_hidden.device_ptr_mut(s).0 + (tok0 * d * 2) as u64;
         let dw_ptr = out.grad_weight.device_ptr_mut(s).0;
-        use bsys::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
         use bsys::cudaDataType::{CUDA_R_16BF as BF16, CUDA_R_32F as F32};
-        // dh^T (Hd x n) = W (Hd x V, col-major view of [V, Hd]) * dz^T (V x n).
-        self.gemm(N, N, d, n, v, (w_ptr, d, BF16), (z_ptr, v, BF16), (dh_ptr, d, BF16), 0.0)?;
-        // dW^T (Hd x V) += h^T (Hd x n) * dz (n x V).
-        self.gemm(
-            N,
-            T,
-            d,
-            v,
-            n,
-            (h_ptr, d, BF16),
-            (z_ptr, v, BF16),
-            (dw_ptr, d, F32),
-            if first { 0.0 } else { 1.0 },
-        )
+        self.gemm(&gemm_plan::grad_hidden(v, d, n), (w_ptr, BF16), (z_ptr, BF16), (dh_ptr, BF16), 0.0)?;
+        let beta = if first { 0.0 } else { 1.0 };
+        self.gemm(&gemm_plan::grad_weight(v, d, n), (h_ptr, BF16), (z_ptr, BF16), (dw_ptr, F32), beta)
     }
 
-    /// `C = A' B' + beta C` in cuBLAS's column-major convention, f32 accumulation.
-    #[allow(clippy::too_many_arguments)]
+    /// One GEMM of the plan ([`gemm_plan`]), f32 accumulation.
     fn gemm(
         &self,
-        ta: bsys::cublasOperation_t,
-        tb: bsys::cublasOperation_t,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: (u64, usize, bsys::cudaDataType),
-        b: (u64, usize, bsys::cudaDataType),
-        c: (u64, usize, bsys::cudaDataType),
+        g: &gemm_plan::GemmDesc,
+        a: (u64, bsys::cudaDataType),
+        b: (u64, bsys::cudaDataType),
+        c: (u64, bsys::cudaDataType),
         beta: f32,
     ) -> Result<()> {
+        let op = |t: bool| {
+            if t {
+                bsys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                bsys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
         let alpha = 1.0f32;
         // SAFETY: the addresses are offsets into live device buffers whose sizes the callers
         // derived from the same (V, Hd, T) checked in tpo_from_hidden: A, B and C each span at
@@ -274,22 +255,22 @@ impl FusedLinear {
         unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
-                ta,
-                tb,
-                m as i32,
-                n as i32,
-                k as i32,
+                op(g.trans_a),
+                op(g.trans_b),
+                g.m as i32,
+                g.n as i32,
+                g.k as i32,
                 &alpha as *const f32 as *const c_void,
                 a.0 as *const c_void,
-                a.2,
-                a.1 as i32,
+                a.1,
+                g.lda as i32,
                 b.0 as *const c_void,
-                b.2,
-                b.1 as i32,
+                b.1,
+                g.ldb as i32,
                 &beta as *const f32 as *const c_void,
                 c.0 as *mut c_void,
-                c.2,
-                c.1 as i32,
+                c.1,
+                g.ldc as i32,
                 bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
