@@ -102,19 +102,24 @@ __device__ __forceinline__ void token_bwd_row(const TokenParams& p, long long t,
 // Must match `SeqParams` in src/cuda/tokens.rs field for field.
 struct SeqParams {
     const float* token_logp;   // [T] (reduce)
-    const long long* offsets;  // [n_seqs + 1] over tokens
+    const long long* offsets;  // [n_seqs + 1] over tokens, or null for sequences of k tokens
     const unsigned char* mask; // [T], 1 = completion token
     const float* seq_grad;     // [n_seqs] (broadcast)
     float* seq_out;            // [n_seqs] (reduce)
     float* token_grad_out;     // [T] (broadcast)
     long long n_seqs;
+    long long k;
     int mean;
     int pad_;
 };
 
+__device__ __forceinline__ long long seq_start(const SeqParams& p, long long i) {
+    return p.offsets ? p.offsets[i] : i * p.k;
+}
+
 template <typename Grp>
 __device__ __forceinline__ void seq_reduce(const SeqParams& p, long long i, const Grp grp) {
-    const long long a = p.offsets[i], b = p.offsets[i + 1];
+    const long long a = seq_start(p, i), b = seq_start(p, i + 1);
     int cnt = 0;
     float sum = 0.f;
     for (long long t = a + grp.rank; t < b; t += grp.size())
@@ -129,7 +134,7 @@ __device__ __forceinline__ void seq_reduce(const SeqParams& p, long long i, cons
 
 template <typename Grp>
 __device__ __forceinline__ void seq_broadcast(const SeqParams& p, long long i, const Grp grp) {
-    const long long a = p.offsets[i], b = p.offsets[i + 1];
+    const long long a = seq_start(p, i), b = seq_start(p, i + 1);
     int cnt = 0;
     for (long long t = a + grp.rank; t < b; t += grp.size()) cnt += p.mask[t] ? 1 : 0;
     cnt = grp.isum(cnt);

@@ -103,7 +103,10 @@ proptest! {
 
     #[test]
     fn sequence_sums_and_broadcast_match_reference(
-        lens in prop::collection::vec(1usize..9, 1..8),
+        lens in prop_oneof![
+            prop::collection::vec(1usize..9, 1..8),
+            (1usize..9, 1usize..8).prop_map(|(k, n)| vec![k; n]),
+        ],
         mask_seed in prop::collection::vec(prop::bool::weighted(0.6), 64),
         vals in prop::collection::vec(-50.0..0.0f64, 64),
         mean in any::<bool>(),
@@ -115,7 +118,8 @@ proptest! {
         let reduce = if mean { SeqReduce::Mean } else { SeqReduce::Sum };
         let offs: Vec<f64> = seqs.offsets().iter().map(|&o| o as f64).collect();
         let m: Vec<f64> = mask.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
-        let head = format!("{} {}\n{}\n{}\n", lens.len(), u8::from(mean), fmt_nums(&offs), fmt_nums(&m));
+        let uniform = lens.iter().all(|&l| l == lens[0]);
+        let head = format!("{} {} {}\n{}\n{}\n", lens.len(), u8::from(mean), u8::from(uniform), fmt_nums(&offs), fmt_nums(&m));
         let got = nums(&run_harness(harness(), &format!("2 {head}{}", fmt_nums(&tl))));
         let want = sequence_logprobs(&tl, &seqs, mask, reduce).unwrap();
         check("seq", &got, &want, 1.0 + want.iter().fold(0.0f64, |a, x| a.max(x.abs())), 0.0)?;

@@ -52,6 +52,7 @@ struct SeqParams {
     seq_out: u64,
     token_grad_out: u64,
     n_seqs: i64,
+    k: i64,
     mean: i32,
     pad: i32,
 }
@@ -439,17 +440,9 @@ impl CudaTpo {
                 return Err(TpoError::LengthMismatch { name: n, got, expected: want });
             }
         }
-        // Uniform sequence layouts have no offsets on the device: upload them (once per call).
-        let owned;
-        let offsets = match seqs.offsets.as_ref() {
-            Some(o) => o,
-            None => {
-                owned = self.to_device(&l.offsets().iter().map(|&o| o as i64).collect::<Vec<_>>())?;
-                &owned
-            }
-        };
+        // Uniform sequence layouts have no offsets on the device: the kernel uses k instead.
         let s = &self.stream;
-        let (p_off, _a) = offsets.device_ptr(s);
+        let (p_off, _a) = super::opt_ptr(seqs.offsets.as_ref(), s);
         let (p_m, _b) = mask.device_ptr(s);
         let (p_tl, _c) = super::opt_ptr(token_logp, s);
         let (p_sg, _d) = super::opt_ptr(seq_grad, s);
@@ -463,6 +456,7 @@ impl CudaTpo {
             seq_out: p_so,
             token_grad_out: p_to,
             n_seqs: l.num_groups() as i64,
+            k: l.uniform_size().unwrap_or(0) as i64,
             mean: i32::from(reduce == SeqReduce::Mean),
             pad: 0,
         };
@@ -471,7 +465,7 @@ impl CudaTpo {
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(f);
         b.arg(&params);
-        // SAFETY: offsets hold num_seqs + 1 entries ending at mask.len(); every per-token and
+        // SAFETY: offsets (or n_seqs * k for a uniform layout) end at mask.len(); every per-token and
         // per-sequence buffer the kernel touches was checked against the layout above.
         unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
         Ok(())

@@ -5,8 +5,9 @@
 //                       -> status, logp[rows], lse[rows], entropy[rows], row_max[rows], log_sum[rows]
 //   kind 1 (backward):  T rows vocab inv_tau, logits, tokens, row_max[rows], log_sum[rows],
 //                       token_grad[rows] -> grad
-//   kind 2 (seq sums):  n_seqs mean, offsets[n+1], mask[T], token_logp[T] -> seq[n]
-//   kind 3 (broadcast): n_seqs mean, offsets[n+1], mask[T], seq_grad[n] -> token_grad[T]
+//   kind 2 (seq sums):  n_seqs mean uniform, offsets[n+1], mask[T], token_logp[T] -> seq[n]
+//   kind 3 (broadcast): n_seqs mean uniform, offsets[n+1], mask[T], seq_grad[n] -> token_grad[T]
+//   (uniform = 1: the kernel gets no offsets but k = offsets[1], as for a uniform layout)
 // T: 0 = f32, 1 = bf16, 2 = f16.
 #define TPO_HOST
 #include "../../kernels/tokens.cu"
@@ -79,8 +80,8 @@ int main() {
         return rows_kind<f16_t>(kind, rows, vocab, inv_tau);
     }
     long long n;
-    int mean;
-    if (scanf("%lld %d", &n, &mean) != 2) return 2;
+    int mean, uniform;
+    if (scanf("%lld %d %d", &n, &mean, &uniform) != 3) return 2;
     std::vector<double> off = read(n + 1);
     std::vector<long long> offsets(off.begin(), off.end());
     long long T = offsets[n];
@@ -90,7 +91,8 @@ int main() {
     for (double x : read(kind == 2 ? T : n)) in.push_back((float)x);
     out.assign(kind == 2 ? n : T, nanf(""));
     SeqParams p{};
-    p.offsets = offsets.data();
+    p.offsets = uniform ? nullptr : offsets.data();
+    p.k = offsets[1];
     p.mask = mask.data();
     p.n_seqs = n;
     p.mean = mean;
