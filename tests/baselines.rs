@@ -15,16 +15,8 @@ fn check_fd(
     scale: f64,
     loss_at: impl Fn(&[f64]) -> f64,
 ) -> Result<(), TestCaseError> {
-    let h = 1e-6;
-    let mut x = l.to_vec();
-    for i in 0..x.len() {
-        let v = x[i];
-        x[i] = v + h;
-        let up = loss_at(&x);
-        x[i] = v - h;
-        let dn = loss_at(&x);
-        x[i] = v;
-        let fd = scale * (up - dn) / (2.0 * h);
+    for (i, fd) in central_differences(l, 1e-6, loss_at).into_iter().enumerate() {
+        let fd = scale * fd;
         prop_assert!(
             (fd - out.grad[i]).abs() < 1e-6 + 1e-5 * fd.abs(),
             "member {}: fd {} vs grad {}",

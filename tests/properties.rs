@@ -80,16 +80,9 @@ proptest! {
         let q = cpu::target(&b.logp_old, &b.scores, &layout, &cfg(eta)).unwrap();
         let fc = FitConfig { form, grad_scale: 1.7, ..FitConfig::default() };
         let out = cpu::fit(&b.logp, &q, &layout, &fc).unwrap();
-        let h = 1e-5;
-        let mut l = b.logp.clone();
-        for i in 0..l.len() {
-            let x = l[i];
-            l[i] = x + h;
-            let up = cpu::fit(&l, &q, &layout, &fc).unwrap().loss;
-            l[i] = x - h;
-            let dn = cpu::fit(&l, &q, &layout, &fc).unwrap().loss;
-            l[i] = x;
-            let fd = 1.7 * (up - dn) / (2.0 * h);
+        let loss = |l: &[f64]| cpu::fit(l, &q, &layout, &fc).unwrap().loss;
+        for (i, fd) in central_differences(&b.logp, 1e-5, loss).into_iter().enumerate() {
+            let fd = 1.7 * fd;
             prop_assert!((fd - out.grad[i]).abs() < 1e-7 + 1e-6 * fd.abs(), "member {}: fd {} vs grad {}", i, fd, out.grad[i]);
         }
     }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::central_differences;
 use proptest::prelude::*;
 use tpo::cpu::tokens::*;
 use tpo::{FitConfig, GroupLayout, LossForm, Reduction, TargetConfig};
@@ -143,16 +144,7 @@ proptest! {
             let r = token_logprobs(z, p.vocab, &p.tokens, &cfg).unwrap();
             r.logp.iter().zip(g).map(|(l, g)| l * g).sum()
         };
-        let h = 1e-6;
-        let mut z = p.logits.clone();
-        for i in 0..z.len() {
-            let x = z[i];
-            z[i] = x + h;
-            let up = loss(&z);
-            z[i] = x - h;
-            let dn = loss(&z);
-            z[i] = x;
-            let fd = (up - dn) / (2.0 * h);
+        for (i, fd) in central_differences(&p.logits, 1e-6, loss).into_iter().enumerate() {
             prop_assert!((fd - d[i]).abs() < 1e-6 + 1e-6 * fd.abs(), "{}: fd {} vs {}", i, fd, d[i]);
         }
         // Each row's gradient sums to zero.
@@ -188,16 +180,7 @@ proptest! {
         let frozen = TargetSource::Stored { target: &out.target };
         let src_fd = if src == 2 { frozen } else { source(src) };
         let loss = |z: &[f64]| 1.3 * tpo_from_logits(z, p.vocab, &b, src_fd, &pc).unwrap().fit.loss;
-        let h = 1e-6;
-        let mut z = p.logits.clone();
-        for i in 0..z.len() {
-            let x = z[i];
-            z[i] = x + h;
-            let up = loss(&z);
-            z[i] = x - h;
-            let dn = loss(&z);
-            z[i] = x;
-            let fd = (up - dn) / (2.0 * h);
+        for (i, fd) in central_differences(&p.logits, 1e-6, loss).into_iter().enumerate() {
             prop_assert!((fd - out.grad_logits[i]).abs() < 1e-6 + 1e-5 * fd.abs(), "{}: fd {} vs {}", i, fd, out.grad_logits[i]);
         }
         // The group part is exactly the group loss on the sequence log-probs.
@@ -226,27 +209,10 @@ proptest! {
         let src = TargetSource::Rollout { logp_old: &p.logp_old, scores: &p.scores };
         let out = tpo_from_hidden(hidden, weight, dim, &b, src, &pc).unwrap();
         let loss = |h: &[f64], w: &[f64]| tpo_from_hidden(h, w, dim, &b, src, &pc).unwrap().logits_path.fit.loss;
-        let e = 1e-6;
-        let mut h = hidden.to_vec();
-        for i in 0..h.len() {
-            let x = h[i];
-            h[i] = x + e;
-            let up = loss(&h, weight);
-            h[i] = x - e;
-            let dn = loss(&h, weight);
-            h[i] = x;
-            let fd = (up - dn) / (2.0 * e);
+        for (i, fd) in central_differences(hidden, 1e-6, |h| loss(h, weight)).into_iter().enumerate() {
             prop_assert!((fd - out.grad_hidden[i]).abs() < 1e-6 + 1e-5 * fd.abs());
         }
-        let mut w = weight.to_vec();
-        for i in 0..w.len() {
-            let x = w[i];
-            w[i] = x + e;
-            let up = loss(hidden, &w);
-            w[i] = x - e;
-            let dn = loss(hidden, &w);
-            w[i] = x;
-            let fd = (up - dn) / (2.0 * e);
+        for (i, fd) in central_differences(weight, 1e-6, |w| loss(hidden, w)).into_iter().enumerate() {
             prop_assert!((fd - out.grad_weight[i]).abs() < 1e-6 + 1e-5 * fd.abs());
         }
         // And the logits path on the materialised logits is the same computation.

@@ -177,3 +177,19 @@ pub fn kernel_configs(
             )
         })
 }
+
+/// Central differences `(f(x + h e_i) - f(x - h e_i)) / 2h` for every coordinate `i` of `x`.
+pub fn central_differences(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let mut x = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let v = x[i];
+            x[i] = v + h;
+            let up = f(&x);
+            x[i] = v - h;
+            let dn = f(&x);
+            x[i] = v;
+            (up - dn) / (2.0 * h)
+        })
+        .collect()
+}
