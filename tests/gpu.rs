@@ -255,28 +255,14 @@ proptest! {
 
     #[test]
     fn large_groups_use_the_block_path(k in prop_oneof![257usize..2000, 20_000usize..100_001], groups in 1usize..4, seed in any::<u64>(), (tc, fc) in configs()) {
-        let mut rng = tpo::experiments::rng::Rng::new(seed);
-        let n = k * groups;
-        let b = Batch {
-            sizes: vec![k; groups],
-            logp_old: (0..n).map(|_| -30.0 * rng.uniform()).collect(),
-            logp: (0..n).map(|_| -30.0 * rng.uniform()).collect(),
-            scores: (0..n).map(|_| if rng.uniform() < 0.05 { 1.0 } else { 0.0 }).collect(),
-        };
+        let b = seeded_batch(vec![k; groups], seed, 30.0, 0.05);
         check_fused::<f32, f32>(&b, true, &tc, &fc)?;
         check_fused::<bf16, f32>(&b, false, &tc, &fc)?;
     }
 }
 
 fn random_batch(sizes: Vec<usize>, seed: u64) -> Batch {
-    let mut rng = tpo::experiments::rng::Rng::new(seed);
-    let n: usize = sizes.iter().sum();
-    Batch {
-        sizes,
-        logp_old: (0..n).map(|_| -300.0 * rng.uniform()).collect(),
-        logp: (0..n).map(|_| -300.0 * rng.uniform()).collect(),
-        scores: (0..n).map(|_| rng.uniform().round()).collect(),
-    }
+    seeded_batch(sizes, seed, 300.0, 0.5)
 }
 
 #[test]

@@ -229,14 +229,7 @@ proptest! {
 
 #[test]
 fn large_group() {
-    let mut rng = tpo::experiments::rng::Rng::new(9);
-    let k = 20_000;
-    let b = Batch {
-        sizes: vec![k],
-        logp_old: (0..k).map(|_| -30.0 * rng.uniform()).collect(),
-        logp: (0..k).map(|_| -30.0 * rng.uniform()).collect(),
-        scores: (0..k).map(|_| if rng.uniform() < 0.05 { 1.0 } else { 0.0 }).collect(),
-    };
+    let b = seeded_batch(vec![20_000], 9, 30.0, 0.05);
     check_fused(
         &b,
         0,

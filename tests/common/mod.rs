@@ -193,3 +193,16 @@ pub fn central_differences(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<
         })
         .collect()
 }
+
+/// A deterministic batch for the large-shape kernel tests: log-probs uniform in `[-scale, 0]`,
+/// binary scores that pass with probability `pass_rate`.
+pub fn seeded_batch(sizes: Vec<usize>, seed: u64, scale: f64, pass_rate: f64) -> Batch {
+    let mut rng = tpo::experiments::rng::Rng::new(seed);
+    let n: usize = sizes.iter().sum();
+    Batch {
+        sizes,
+        logp_old: (0..n).map(|_| -scale * rng.uniform()).collect(),
+        logp: (0..n).map(|_| -scale * rng.uniform()).collect(),
+        scores: (0..n).map(|_| if rng.uniform() < pass_rate { 1.0 } else { 0.0 }).collect(),
+    }
+}
