@@ -21,14 +21,17 @@ struct TokenParams {
     const float* token_grad;   // [rows] (backward)
     unsigned long long* status;
     long long rows;
-    long long vocab;
+    long long vocab;           // columns in this call: the whole vocabulary, or a block of it
+    long long ld;              // row stride of logits and grad_out, in elements (>= vocab)
+    long long col0;            // vocabulary index of column 0 (backward over a block; 0 otherwise)
+    long long row0;            // batch index of row 0 (errors name [row0 + t, v] of the batch's logits)
     float inv_tau;
     int pad_;
 };
 
 template <typename T, typename Grp>
 __device__ __forceinline__ void token_fwd_row(const TokenParams& p, long long t, const Grp grp) {
-    const T* z = (const T*)p.logits + t * p.vocab;
+    const T* z = (const T*)p.logits + t * p.ld;
     const int r = grp.rank, step = grp.size();
     // m is the max of the raw logits; differences (x - m) are formed before scaling by 1/tau, so
     // large logits keep full precision: a - max a = (x - m) / tau.
@@ -38,7 +41,7 @@ __device__ __forceinline__ void token_fwd_row(const TokenParams& p, long long t,
     for (long long v = r; v < p.vocab; v += step) {
         const float x = to_f32(z[v]);
         if (isnan(x) || x == pos_inf()) {
-            report(p.status, t * p.vocab + v, TPO_BAD_LOGIT);
+            report(p.status, (p.row0 + t) * p.vocab + v, TPO_BAD_LOGIT);
             nbad++;
             continue;
         }
@@ -67,12 +70,12 @@ __device__ __forceinline__ void token_fwd_row(const TokenParams& p, long long t,
         bool bad = nbad > 0;
         float zy = 0.f;
         if (y >= p.vocab) {
-            report(p.status, t, TPO_BAD_TOKEN);
+            report(p.status, p.row0 + t, TPO_BAD_TOKEN);
             bad = true;
         } else {
             zy = to_f32(z[y]);
             if (!(zy > neg_inf()) && !bad) {
-                report(p.status, t * p.vocab + y, TPO_TOKEN_LOGIT_NEG_INF);
+                report(p.status, (p.row0 + t) * p.vocab + y, TPO_TOKEN_LOGIT_NEG_INF);
                 bad = true;
             }
         }
@@ -87,11 +90,12 @@ __device__ __forceinline__ void token_fwd_row(const TokenParams& p, long long t,
 
 template <typename T, typename Grp>
 __device__ __forceinline__ void token_bwd_row(const TokenParams& p, long long t, const Grp grp) {
-    const T* z = (const T*)p.logits + t * p.vocab;
-    T* d = (T*)p.grad_out + t * p.vocab;
+    const T* z = (const T*)p.logits + t * p.ld;
+    T* d = (T*)p.grad_out + t * p.ld;
     // p_v = exp((a_v - m) - log S): relative to the row max, so large logits keep their precision.
     const float g = p.token_grad[t], m = p.row_max[t], log_s = p.log_sum[t], it = p.inv_tau;
-    const long long y = p.tokens[t];
+    // The sampled token's column in this block (outside 0..vocab when another block holds it).
+    const long long y = (long long)p.tokens[t] - p.col0;
     for (long long v = grp.rank; v < p.vocab; v += grp.size()) {
         // Each element is read, then written, by the same thread: safe in place.
         const float pv = expf((to_f32(z[v]) - m) * it - log_s);

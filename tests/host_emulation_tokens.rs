@@ -71,6 +71,7 @@ proptest! {
         t in 0u8..3,
         masked in any::<bool>(),
         g in prop::collection::vec(-3.0..3.0f64, 6),
+        split in 0.0..1.0f64,
     ) {
         let n = rows * vocab;
         let scale = if t == 2 { scale.min(30.0) } else { scale }; // f16 holds at most 65504
@@ -99,6 +100,22 @@ proptest! {
         // dz = g (onehot - p) / tau: natural scale max|g| / tau, plus the output's storage rounding.
         let gmax = g.iter().fold(0.0f64, |m, x| m.max(x.abs())) / tau;
         check("grad", &d, &want_d, gmax, storage_rtol(["f32", "bf16", "f16"][t as usize]))?;
+        // The same backward over two vocabulary blocks, each in a buffer of its own with a padded
+        // row stride (as the fused linear path runs it): the same values, no padding written.
+        let split = ((split * vocab as f64) as usize).max(1);
+        for (c0, cols) in [(0, split), (split, vocab - split)] {
+            if cols == 0 {
+                continue;
+            }
+            let input = format!("4 {t} {rows} {vocab} {:e} {c0} {cols}\n{}\n{}\n{}\n{}", 1.0 / tau, fmt_nums(&logits), fmt_nums(&tok), fmt_nums(&shift), fmt_nums(g));
+            let w = nums(&run_harness(harness(), &input));
+            prop_assert_eq!(w[0], 0.0, "padding written");
+            for r in 0..rows {
+                for v in 0..cols {
+                    prop_assert_eq!(w[1 + r * cols + v], d[r * vocab + c0 + v], "row {} column {}", r, c0 + v);
+                }
+            }
+        }
     }
 
     #[test]

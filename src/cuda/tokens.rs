@@ -35,6 +35,9 @@ pub(super) struct TokenParams {
     pub(super) status: u64,
     pub(super) rows: i64,
     pub(super) vocab: i64,
+    pub(super) ld: i64,
+    pub(super) col0: i64,
+    pub(super) row0: i64,
     pub(super) inv_tau: f32,
     pub(super) pad: i32,
 }
@@ -218,6 +221,9 @@ impl CudaTpo {
             status: p_st,
             rows: rows as i64,
             vocab: vocab as i64,
+            ld: vocab as i64,
+            col0: 0,
+            row0: 0,
             inv_tau: (1.0 / cfg.temperature) as f32,
             pad: 0,
         };
@@ -396,6 +402,9 @@ impl CudaTpo {
             status: 0,
             rows: rows as i64,
             vocab: vocab as i64,
+            ld: vocab as i64,
+            col0: 0,
+            row0: 0,
             inv_tau: (1.0 / cfg.temperature) as f32,
             pad: 0,
         };

@@ -5,6 +5,10 @@
 //                       -> status, logp[rows], lse[rows], entropy[rows], row_max[rows], log_sum[rows]
 //   kind 1 (backward):  T rows vocab inv_tau, logits, tokens, row_max[rows], log_sum[rows],
 //                       token_grad[rows] -> grad
+//   kind 4 (backward over the vocabulary block col0..col0+cols, as the fused linear path runs it):
+//                       T rows vocab inv_tau col0 cols, then as kind 1 -> the number of padding
+//                       elements written (must be 0), grad[rows, cols]. The block is copied into
+//                       a buffer with row stride cols + 3, the padding poisoned.
 //   kind 2 (seq sums):  n_seqs mean uniform, offsets[n+1], mask[T], token_logp[T] -> seq[n]
 //   kind 3 (broadcast): n_seqs mean uniform, offsets[n+1], mask[T], seq_grad[n] -> token_grad[T]
 //   (uniform = 1: the kernel gets no offsets but k = offsets[1], as for a uniform layout)
@@ -25,7 +29,8 @@ static std::vector<double> read(long long n) {
     return v;
 }
 
-template <typename T> static int rows_kind(int kind, long long rows, long long vocab, double inv_tau) {
+template <typename T>
+static int rows_kind(int kind, long long rows, long long vocab, double inv_tau, long long col0, long long cols) {
     std::vector<T> logits;
     for (double x : read(rows * vocab)) logits.push_back(from_f32<T>((float)x));
     std::vector<unsigned int> tokens;
@@ -38,6 +43,7 @@ template <typename T> static int rows_kind(int kind, long long rows, long long v
     p.tokens = tokens.data();
     p.rows = rows;
     p.vocab = vocab;
+    p.ld = vocab;
     p.inv_tau = (float)inv_tau;
     p.status = &status;
     if (kind == 0) {
@@ -60,9 +66,29 @@ template <typename T> static int rows_kind(int kind, long long rows, long long v
         p.row_max = row_max.data();
         p.log_sum = log_sum.data();
         p.token_grad = tg.data();
-        p.grad_out = logits.data();  // in place, as the in-place call does
+        if (kind == 1) {
+            p.grad_out = logits.data();  // in place, as the in-place call does
+            for (long long t = 0; t < rows; t++) token_bwd_row<T>(p, t, SerialGroup{0});
+            for (auto x : logits) printf("%.9g\n", to_f32(x));
+            return 0;
+        }
+        const long long ld = cols + 3;
+        const T poison = from_f32<T>(-12288.f);
+        std::vector<T> block(rows * ld, poison);
+        for (long long t = 0; t < rows; t++)
+            for (long long v = 0; v < cols; v++) block[t * ld + v] = logits[t * vocab + col0 + v];
+        p.logits = block.data();
+        p.grad_out = block.data();  // in place, as the fused linear path does
+        p.vocab = cols;
+        p.ld = ld;
+        p.col0 = col0;
         for (long long t = 0; t < rows; t++) token_bwd_row<T>(p, t, SerialGroup{0});
-        for (auto x : logits) printf("%.9g\n", to_f32(x));
+        int written = 0;
+        for (long long t = 0; t < rows; t++)
+            for (long long v = cols; v < ld; v++) written += to_f32(block[t * ld + v]) != -12288.f;
+        printf("%d\n", written);
+        for (long long t = 0; t < rows; t++)
+            for (long long v = 0; v < cols; v++) printf("%.9g\n", to_f32(block[t * ld + v]));
     }
     return 0;
 }
@@ -70,14 +96,15 @@ template <typename T> static int rows_kind(int kind, long long rows, long long v
 int main() {
     int kind;
     if (scanf("%d", &kind) != 1) return 2;
-    if (kind <= 1) {
+    if (kind <= 1 || kind == 4) {
         int t;
-        long long rows, vocab;
+        long long rows, vocab, col0 = 0, cols = 0;
         double inv_tau;
         if (scanf("%d %lld %lld %lf", &t, &rows, &vocab, &inv_tau) != 4) return 2;
-        if (t == 0) return rows_kind<float>(kind, rows, vocab, inv_tau);
-        if (t == 1) return rows_kind<bf16_t>(kind, rows, vocab, inv_tau);
-        return rows_kind<f16_t>(kind, rows, vocab, inv_tau);
+        if (kind == 4 && scanf("%lld %lld", &col0, &cols) != 2) return 2;
+        if (t == 0) return rows_kind<float>(kind, rows, vocab, inv_tau, col0, cols);
+        if (t == 1) return rows_kind<bf16_t>(kind, rows, vocab, inv_tau, col0, cols);
+        return rows_kind<f16_t>(kind, rows, vocab, inv_tau, col0, cols);
     }
     long long n;
     int mean, uniform;
