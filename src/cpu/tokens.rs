@@ -303,6 +303,55 @@ pub enum TargetSource<'a> {
     },
 }
 
+/// The middle of the end-to-end paths, from token log-probs to per-token upstream gradients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupPath {
+    /// `l_i = sum (or mean) over sequence i's completion tokens of logp_t`.
+    pub seq_logp: Vec<f64>,
+    /// The target `q` used (built here or the stored one).
+    pub target: Vec<f64>,
+    /// Loss, per-group loss, `dL/dl` per sequence, diagnostics.
+    pub fit: FitOutput,
+    /// `g_t = dL/dlogp_t`: `dL/dl_i` (divided by the completion length for a mean) on sequence
+    /// `i`'s completion tokens, 0 elsewhere.
+    pub token_grad: Vec<f64>,
+}
+
+/// From token log-probs `[T]` to the per-token upstream gradient: the sequence sums, the TPO group
+/// loss over the batch's groups (building the target from `source`, or fitting a stored one), and
+/// the broadcast of `dL/dl` back to the tokens.
+pub fn group_path(
+    token_logp: &[f64],
+    batch: &SequenceBatch,
+    source: TargetSource,
+    cfg: &PathConfig,
+) -> Result<GroupPath> {
+    let SequenceBatch { seqs, mask, groups, .. } = *batch;
+    let (reduce, tcfg, fcfg) = (cfg.tokens.reduce, &cfg.target, &cfg.fit);
+    seqs.check_len("tokens", token_logp.len())?;
+    if groups.len() != seqs.num_groups() {
+        return Err(TpoError::LengthMismatch {
+            name: "sequences (the group layout counts sequences)",
+            got: seqs.num_groups(),
+            expected: groups.len(),
+        });
+    }
+    let l = sequence_logprobs(token_logp, seqs, mask, reduce)?;
+    let (q, fit) = match source {
+        TargetSource::OnPolicy { scores } => {
+            let r = target_and_fit(&l, None, scores, groups, tcfg, fcfg)?;
+            (r.target, r.fit)
+        }
+        TargetSource::Rollout { logp_old, scores } => {
+            let r = target_and_fit(&l, Some(logp_old), scores, groups, tcfg, fcfg)?;
+            (r.target, r.fit)
+        }
+        TargetSource::Stored { target: q } => (q.to_vec(), fit(&l, q, groups, fcfg)?),
+    };
+    let g = token_grad_from_sequences(&fit.grad, seqs, mask, reduce)?;
+    Ok(GroupPath { seq_logp: l, target: q, fit, token_grad: g })
+}
+
 /// Result of [`tpo_from_logits`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogitsPath {
@@ -329,32 +378,10 @@ pub fn tpo_from_logits<T: Scalar>(
     source: TargetSource,
     cfg: &PathConfig,
 ) -> Result<LogitsPath> {
-    let SequenceBatch { tokens, seqs, mask, groups } = *batch;
-    let (tok, tcfg, fcfg) = (&cfg.tokens, &cfg.target, &cfg.fit);
-    let tl = token_logprobs(logits, vocab, tokens, tok)?;
-    seqs.check_len("tokens", tl.logp.len())?;
-    if groups.len() != seqs.num_groups() {
-        return Err(TpoError::LengthMismatch {
-            name: "sequences (the group layout counts sequences)",
-            got: seqs.num_groups(),
-            expected: groups.len(),
-        });
-    }
-    let l = sequence_logprobs(&tl.logp, seqs, mask, tok.reduce)?;
-    let (q, fit) = match source {
-        TargetSource::OnPolicy { scores } => {
-            let r = target_and_fit(&l, None, scores, groups, tcfg, fcfg)?;
-            (r.target, r.fit)
-        }
-        TargetSource::Rollout { logp_old, scores } => {
-            let r = target_and_fit(&l, Some(logp_old), scores, groups, tcfg, fcfg)?;
-            (r.target, r.fit)
-        }
-        TargetSource::Stored { target: q } => (q.to_vec(), fit(&l, q, groups, fcfg)?),
-    };
-    let g = token_grad_from_sequences(&fit.grad, seqs, mask, tok.reduce)?;
-    let grad_logits = logits_grad(logits, vocab, tokens, &g, tok)?;
-    Ok(LogitsPath { tokens: tl, seq_logp: l, target: q, fit, token_grad: g, grad_logits })
+    let tl = token_logprobs(logits, vocab, batch.tokens, &cfg.tokens)?;
+    let GroupPath { seq_logp, target, fit, token_grad } = group_path(&tl.logp, batch, source, cfg)?;
+    let grad_logits = logits_grad(logits, vocab, batch.tokens, &token_grad, &cfg.tokens)?;
+    Ok(LogitsPath { tokens: tl, seq_logp, target, fit, token_grad, grad_logits })
 }
 
 /// Result of [`tpo_from_hidden`]: the logits path plus the gradients of the linear layer.
