@@ -38,8 +38,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod experiments;
-pub mod gemm_plan;
 pub mod layout;
+pub mod linear_plan;
 pub mod scalar;
 pub mod status;
 

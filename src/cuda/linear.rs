@@ -1,39 +1,41 @@
 //! TPO from hidden states and the lm_head without materialising the logits.
 //!
-//! Tokens are processed in chunks: each chunk's logits `z = h W^T` are computed by cuBLAS (bf16
-//! operands, f32 accumulation) into a workspace of `chunk_rows x V` bf16, and reduced by the token
-//! kernel to log-probs (plus the row max and log-sum kept for the backward). After the sequence
-//! sums and the group loss, the backward recomputes each chunk's logits, turns them into their
-//! gradient in place, and feeds them to two more GEMMs: `dh = dz W` (bf16) and `dW += dz^T h`
-//! (f32, accumulated over chunks in a fixed order). Peak extra memory is the workspace
-//! (`chunk_rows * V * 2` bytes, from the caller's budget) plus O(T) per-token buffers.
+//! The schedule (which GEMMs and kernels run on which parts of which buffers) is
+//! [`crate::linear_plan`]'s, tested on the host in CI; this module turns its steps into cuBLAS
+//! calls and kernel launches. In short: the forward computes the logits `z = h W^T` chunk by chunk
+//! into a bf16 workspace, one GEMM of [`GEMM_TILE`] rows at a time, and reduces each chunk to
+//! log-probs (keeping the row max and log-sum); after the sequence sums and the group loss, the
+//! backward recomputes the logits block by block (all tokens by a block of the vocabulary, when
+//! the workspace allows), turns each block into its gradient in place, and feeds it to
+//! `dW[block] = dz^T h` and `dh += dz W[block]`, both accumulated in f32.
 //!
-//! Determinism: the logits GEMM is always issued on tiles of [`GEMM_TILE`] rows (the last tile
-//! padded with zero rows), so every row's logits, and so its log-prob, come from a GEMM of the
-//! same shape whatever the chunk size; `dW` accumulates tile by tile in token order.
+//! Memory: the workspace (at most the caller's budget, at least `GEMM_TILE x V` bf16), one staging
+//! tile `[GEMM_TILE, H]` and O(T) per-token buffers, besides the outputs.
 //!
-//! Status: written without a GPU; the GPU suite (tests/gpu.rs) checks it against
-//! [`crate::cpu::tokens::tpo_from_hidden`] and the chunk-size independence when run on one.
+//! Determinism: every token's logits, and so its log-prob, come from a GEMM of the same shape
+//! whatever the budget; all reductions run in a fixed order without atomics.
+//!
+//! Status: written without a GPU. The schedule is checked on the host against
+//! [`crate::cpu::tokens::tpo_from_hidden`] (tests/linear_plan.rs); the GPU suite (tests/gpu.rs)
+//! checks this module against the same reference, and the chunk-size independence, on a device.
 
 use super::tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers, PathAlloc, TokenParams};
 use super::{cuda_err, CudaTpo, DeviceLayout};
-use crate::cpu::tokens::{PathConfig, TokenConfig};
+use crate::cpu::tokens::PathConfig;
 use crate::error::{Result, TpoError};
-use crate::gemm_plan;
+use crate::linear_plan::{Buffer, GemmCall, LinearPlan, Step};
 use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 use std::ffi::c_void;
 
-/// Rows per logits GEMM; chunks are whole numbers of tiles.
-pub const GEMM_TILE: usize = 128;
+pub use crate::linear_plan::GEMM_TILE;
 
 /// The fused linear + TPO call's workspace, sized once from a memory budget.
 pub struct FusedLinear {
     blas: CudaBlas,
     vocab: usize,
     dim: usize,
-    chunk_rows: usize,
     workspace: CudaSlice<bf16>,
     stage_h: CudaSlice<bf16>,
 }
@@ -42,11 +44,11 @@ pub struct FusedLinear {
 #[derive(Debug)]
 pub struct LinearOutputs {
     /// Token log-probs, sequence log-probs, target, loss, per-token gradients (as from logits;
-    /// its `grad_logits` is unused: the logits gradient lives only in the workspace).
+    /// there is no `grad_logits`: the logits gradient lives only in the workspace).
     pub path: LogitsPathBuffers<bf16>,
-    /// `dL/dh`, `[T, H]`, bf16.
-    pub grad_hidden: CudaSlice<bf16>,
-    /// `dL/dW`, `[V, H]`, accumulated in f32.
+    /// `dL/dh = sum_v dz[t, v] W[v]`, `[T, H]`, accumulated in f32 over vocabulary blocks.
+    pub grad_hidden: CudaSlice<f32>,
+    /// `dL/dW = sum_t dz[t, v] h[t]`, `[V, H]`, accumulated in f32.
     pub grad_weight: CudaSlice<f32>,
 }
 
@@ -54,9 +56,15 @@ fn gemm_err(e: impl std::fmt::Debug) -> TpoError {
     TpoError::Cuda(format!("cuBLAS: {e:?}"))
 }
 
+/// `base` advanced by `elems` elements of `T`.
+fn at<T>(base: u64, elems: usize) -> u64 {
+    base + (elems * std::mem::size_of::<T>()) as u64
+}
+
 impl FusedLinear {
-    /// A workspace for a vocabulary of `vocab`, hidden size `dim`, using at most
-    /// `workspace_budget` bytes for the logits chunk (at least one tile of [`GEMM_TILE`] rows).
+    /// A workspace for a vocabulary of `vocab` and hidden size `dim`, using at most
+    /// `workspace_budget` bytes for the bf16 logits workspace (rounded down to whole
+    /// `GEMM_TILE x vocab` tiles, at least one).
     pub fn new(tpo: &CudaTpo, vocab: usize, dim: usize, workspace_budget: usize) -> Result<Self> {
         if vocab == 0 || dim == 0 || vocab > i32::MAX as usize || dim > i32::MAX as usize {
             return Err(TpoError::BadConfig {
@@ -65,26 +73,24 @@ impl FusedLinear {
                 got: vocab as f64,
             });
         }
-        let tiles = (workspace_budget / (vocab * 2) / GEMM_TILE).max(1);
-        let chunk_rows = tiles * GEMM_TILE;
+        let elems = LinearPlan::workspace_elems(vocab, workspace_budget);
         let blas = CudaBlas::new(tpo.stream.clone()).map_err(|e| {
             TpoError::Cuda(format!(
                 "cannot start cuBLAS (is libcublas from CUDA 13 on the library path?): {e:?}"
             ))
         })?;
-        Ok(Self {
-            blas,
-            vocab,
-            dim,
-            chunk_rows,
-            workspace: tpo.zeros(chunk_rows * vocab)?,
-            stage_h: tpo.zeros(GEMM_TILE * dim)?,
-        })
+        Ok(Self { blas, vocab, dim, workspace: tpo.zeros(elems)?, stage_h: tpo.zeros(GEMM_TILE * dim)? })
     }
 
-    /// Tokens per chunk (a multiple of [`GEMM_TILE`]).
-    pub fn chunk_rows(&self) -> usize {
-        self.chunk_rows
+    /// Tokens per forward chunk for a batch of `tokens` (a multiple of [`GEMM_TILE`]); see
+    /// [`plan`](Self::plan) for the backward's blocks.
+    pub fn chunk_rows(&self, tokens: usize) -> Result<usize> {
+        Ok(self.plan(tokens)?.forward_rows)
+    }
+
+    /// How a batch of `tokens` is split over the workspace.
+    pub fn plan(&self, tokens: usize) -> Result<LinearPlan> {
+        LinearPlan::new(tokens, self.vocab, self.dim, self.workspace.len())
     }
 
     /// Bytes of the logits workspace.
@@ -113,7 +119,7 @@ impl FusedLinear {
 
     /// The whole path from hidden states `[T, H]` and the lm_head `[V, H]` (both bf16) to the
     /// loss and the gradients for the hidden states and the weight (see
-    /// [`crate::cpu::tokens::tpo_from_hidden`]).
+    /// [`crate::cpu::tokens::tpo_from_hidden`]). No host synchronisation, no allocation.
     #[allow(clippy::too_many_arguments)]
     pub fn tpo_from_hidden(
         &mut self,
@@ -125,15 +131,21 @@ impl FusedLinear {
         cfg: &PathConfig,
         out: &mut LinearOutputs,
     ) -> Result<()> {
-        let (tokens, tok) = (batch.tokens, &cfg.tokens);
+        let tok = &cfg.tokens;
         let (t, v, d) = (batch.seqs.host.len(), self.vocab, self.dim);
+        let tokens_out = &out.path.tokens;
         for (name, got, want) in [
             ("hidden", hidden.len(), t * d),
             ("weight", weight.len(), v * d),
-            ("tokens", tokens.len(), t),
+            ("tokens", batch.tokens.len(), t),
             ("grad_hidden output", out.grad_hidden.len(), t * d),
             ("grad_weight output", out.grad_weight.len(), v * d),
-            ("token outputs", out.path.tokens.logp.len(), t),
+            ("token outputs", tokens_out.logp.len(), t),
+            ("token outputs (lse)", tokens_out.lse.len(), t),
+            ("token outputs (row max)", tokens_out.row_max.len(), t),
+            ("token outputs (log-sum)", tokens_out.log_sum.len(), t),
+            ("token outputs (entropy)", tokens_out.entropy.as_ref().map_or(t, |e| e.len()), t),
+            ("token gradient", out.path.token_grad.len(), t),
         ] {
             if got != want {
                 return Err(TpoError::LengthMismatch { name, got, expected: want });
@@ -146,100 +158,74 @@ impl FusedLinear {
                 got: tok.temperature,
             });
         }
+        let plan = self.plan(t)?;
         let _range = tpo.range("tpo::tpo_from_hidden");
         tpo.reset(&mut out.path.tokens.status)?;
-        // Forward: log-probs chunk by chunk.
-        for c0 in (0..t).step_by(self.chunk_rows) {
-            let rows = self.chunk_rows.min(t - c0);
-            self.logits_chunk(tpo, hidden, weight, c0, rows)?;
-            let p = self.row_params(tpo, tokens, &mut out.path, c0, rows, tok, 0);
-            tpo.launch_rows("tpo_token_fwd_bf16", rows, p)?;
-        }
-        tpo.sequence_group_backward(batch, source, cfg, &mut out.path)?;
-        // Backward: recompute each chunk, its gradient in place, then dh and dW.
-        for c0 in (0..t).step_by(self.chunk_rows) {
-            let rows = self.chunk_rows.min(t - c0);
-            self.logits_chunk(tpo, hidden, weight, c0, rows)?;
-            let p = self.row_params(tpo, tokens, &mut out.path, c0, rows, tok, 1);
-            tpo.launch_rows("tpo_token_bwd_bf16", rows, p)?;
-            for r0 in (0..rows).step_by(GEMM_TILE) {
-                let n = GEMM_TILE.min(rows - r0);
-                let first = c0 == 0 && r0 == 0;
-                self.backward_gemms(tpo, hidden, weight, out, c0 + r0, r0, n, first)?;
+        let inv_tau = (1.0 / tok.temperature) as f32;
+        for step in plan.steps() {
+            match step {
+                Step::StageTail { tok0, rows } => {
+                    // A partial tile: its rows into a zeroed tile, so the GEMM keeps its shape.
+                    tpo.stream.memset_zeros(&mut self.stage_h).map_err(|e| cuda_err("memset", e))?;
+                    let src = hidden.slice(tok0 * d..(tok0 + rows) * d);
+                    let mut dst = self.stage_h.slice_mut(0..rows * d);
+                    tpo.stream.memcpy_dtod(&src, &mut dst).map_err(|e| cuda_err("device copy", e))?;
+                }
+                Step::Gemm(g) => {
+                    plan.check_gemm(&g, self.workspace.len())?;
+                    self.gemm(tpo, &g, hidden, weight, out)?;
+                }
+                Step::TokenForward { tok0, rows } => {
+                    let p =
+                        self.token_params(tpo, batch, &mut out.path, tok0, rows, (0, v, v), inv_tau, false);
+                    tpo.launch_rows("tpo_token_fwd_bf16", rows, p)?;
+                }
+                Step::Group => tpo.sequence_group_backward(batch, source, cfg, &mut out.path)?,
+                Step::TokenBackward { tok0, rows, col0, cols, ld } => {
+                    if (rows - 1) * ld + cols > self.workspace.len() || col0 + cols > v || tok0 + rows > t {
+                        return Err(TpoError::Cuda(format!("fused linear schedule: bad block {step:?}")));
+                    }
+                    let p = self.token_params(
+                        tpo,
+                        batch,
+                        &mut out.path,
+                        tok0,
+                        rows,
+                        (col0, cols, ld),
+                        inv_tau,
+                        true,
+                    );
+                    tpo.launch_rows("tpo_token_bwd_bf16", rows, p)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// Fills workspace rows `0..rows` with the logits of tokens `c0..c0 + rows`, one GEMM of
-    /// `GEMM_TILE` rows per tile (the last tile padded with zero hidden rows).
-    fn logits_chunk(
+    /// One GEMM of the schedule, f32 accumulation, operands at their buffers' offsets.
+    fn gemm(
         &mut self,
         tpo: &CudaTpo,
-        hidden: &CudaSlice<bf16>,
-        weight: &CudaSlice<bf16>,
-        c0: usize,
-        rows: usize,
-    ) -> Result<()> {
-        let (v, d) = (self.vocab, self.dim);
-        for r0 in (0..rows).step_by(GEMM_TILE) {
-            let n = GEMM_TILE.min(rows - r0);
-            let s = &tpo.stream;
-            let h_ptr = if n == GEMM_TILE {
-                hidden.device_ptr(s).0 + ((c0 + r0) * d * 2) as u64
-            } else {
-                // Tail: copy the valid rows into a zeroed tile so the GEMM keeps its shape.
-                tpo.stream.memset_zeros(&mut self.stage_h).map_err(|e| cuda_err("memset", e))?;
-                let src = hidden.slice((c0 + r0) * d..(c0 + r0 + n) * d);
-                let mut dst = self.stage_h.slice_mut(0..n * d);
-                tpo.stream.memcpy_dtod(&src, &mut dst).map_err(|e| cuda_err("device copy", e))?;
-                self.stage_h.device_ptr(s).0
-            };
-            // Raw addresses (the guards are no-ops: event tracking is off, see CudaTpo::new).
-            let w_ptr = weight.device_ptr(s).0;
-            let z_ptr = self.workspace.device_ptr_mut(s).0 + (r0 * v * 2) as u64;
-            let bf = bsys::cudaDataType::CUDA_R_16BF;
-            self.gemm(&gemm_plan::logits(v, d, GEMM_TILE), (w_ptr, bf), (h_ptr, bf), (z_ptr, bf), 0.0)?;
-        }
-        Ok(())
-    }
-
-    /// `dh[rows] = dz W` and `dW += dz^T h[rows]` for `n` tokens starting at `tok0`, whose logits
-    /// gradient sits at workspace row `r0`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward_gemms(
-        &mut self,
-        tpo: &CudaTpo,
+        g: &GemmCall,
         hidden: &CudaSlice<bf16>,
         weight: &CudaSlice<bf16>,
         out: &mut LinearOutputs,
-        tok0: usize,
-        r0: usize,
-        n: usize,
-        first: bool,
     ) -> Result<()> {
-        let (v, d) = (self.vocab, self.dim);
-        let s = &tpo.stream;
-        let w_ptr = weight.device_ptr(s).0;
-        let h_ptr = hidden.device_ptr(s).0 + (tok0 * d * 2) as u64;
-        let z_ptr = self.workspace.device_ptr(s).0 + (r0 * v * 2) as u64;
-        let dh_ptr = out.grad_hidden.device_ptr_mut(s).0 + (tok0 * d * 2) as u64;
-        let dw_ptr = out.grad_weight.device_ptr_mut(s).0;
         use bsys::cudaDataType::{CUDA_R_16BF as BF16, CUDA_R_32F as F32};
-        self.gemm(&gemm_plan::grad_hidden(v, d, n), (w_ptr, BF16), (z_ptr, BF16), (dh_ptr, BF16), 0.0)?;
-        let beta = if first { 0.0 } else { 1.0 };
-        self.gemm(&gemm_plan::grad_weight(v, d, n), (h_ptr, BF16), (z_ptr, BF16), (dw_ptr, F32), beta)
-    }
-
-    /// One GEMM of the plan ([`gemm_plan`]), f32 accumulation.
-    fn gemm(
-        &self,
-        g: &gemm_plan::GemmDesc,
-        a: (u64, bsys::cudaDataType),
-        b: (u64, bsys::cudaDataType),
-        c: (u64, bsys::cudaDataType),
-        beta: f32,
-    ) -> Result<()> {
+        let s = &tpo.stream;
+        // Raw addresses; the guards are no-ops (event tracking is off, see CudaTpo::new) and
+        // every launch is on this one stream.
+        let mut addr = |b: Buffer, off: usize| match b {
+            Buffer::Hidden => (at::<bf16>(hidden.device_ptr(s).0, off), BF16),
+            Buffer::Weight => (at::<bf16>(weight.device_ptr(s).0, off), BF16),
+            Buffer::Stage => (at::<bf16>(self.stage_h.device_ptr(s).0, off), BF16),
+            Buffer::Workspace => (at::<bf16>(self.workspace.device_ptr_mut(s).0, off), BF16),
+            Buffer::GradHidden => (at::<f32>(out.grad_hidden.device_ptr_mut(s).0, off), F32),
+            Buffer::GradWeight => (at::<f32>(out.grad_weight.device_ptr_mut(s).0, off), F32),
+        };
+        let (a, b, c) =
+            (addr(g.a.buffer, g.a.offset), addr(g.b.buffer, g.b.offset), addr(g.c.buffer, g.c.offset));
+        let d = &g.desc;
         let op = |t: bool| {
             if t {
                 bsys::cublasOperation_t::CUBLAS_OP_T
@@ -247,30 +233,31 @@ impl FusedLinear {
                 bsys::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let alpha = 1.0f32;
-        // SAFETY: the addresses are offsets into live device buffers whose sizes the callers
-        // derived from the same (V, Hd, T) checked in tpo_from_hidden: A, B and C each span at
-        // least (ld x columns) elements of their type; alpha and beta are host f32 scalars, as in
-        // cuBLAS's default host pointer mode; the handle is bound to the backend's stream.
+        let (alpha, beta) = (1.0f32, if g.accumulate { 1.0f32 } else { 0.0 });
+        // SAFETY: plan.check_gemm confirmed that A, B and C, from their offsets, span no more than
+        // their buffers, whose lengths tpo_from_hidden checked against (T, V, H) and the
+        // workspace's; each buffer's element type matches the data type passed with it; alpha
+        // and beta are host f32 scalars, as in cuBLAS's default host pointer mode; the handle is
+        // bound to the backend's stream, which orders this call after the steps before it.
         unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
-                op(g.trans_a),
-                op(g.trans_b),
-                g.m as i32,
-                g.n as i32,
-                g.k as i32,
+                op(d.trans_a),
+                op(d.trans_b),
+                d.m as i32,
+                d.n as i32,
+                d.k as i32,
                 &alpha as *const f32 as *const c_void,
                 a.0 as *const c_void,
                 a.1,
-                g.lda as i32,
+                d.lda as i32,
                 b.0 as *const c_void,
                 b.1,
-                g.ldb as i32,
+                d.ldb as i32,
                 &beta as *const f32 as *const c_void,
                 c.0 as *mut c_void,
                 c.1,
-                g.ldc as i32,
+                d.ldc as i32,
                 bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
@@ -278,42 +265,49 @@ impl FusedLinear {
         .map_err(gemm_err)
     }
 
-    /// Token-kernel parameters for workspace rows `0..rows` = tokens `c0..c0 + rows`.
+    /// Token-kernel parameters for workspace rows `0..rows` = tokens `tok0..tok0 + rows`, over
+    /// the vocabulary block `(col0, cols, ld)` (the whole vocabulary, row stride V, in the
+    /// forward).
     #[allow(clippy::too_many_arguments)]
-    fn row_params(
+    fn token_params(
         &mut self,
         tpo: &CudaTpo,
-        tokens: &CudaSlice<u32>,
+        batch: &DeviceSequenceBatch,
         path: &mut LogitsPathBuffers<bf16>,
-        c0: usize,
+        tok0: usize,
         rows: usize,
-        tok: &TokenConfig,
-        backward: u8,
+        (col0, cols, ld): (usize, usize, usize),
+        inv_tau: f32,
+        backward: bool,
     ) -> TokenParams {
         let s = &tpo.stream;
-        let off4 = (c0 * 4) as u64;
+        let f = |p: u64| at::<f32>(p, tok0);
         let (z, _a) = self.workspace.device_ptr_mut(s);
-        let (y, _b) = tokens.device_ptr(s);
+        let (y, _b) = batch.tokens.device_ptr(s);
         let (lp, _c) = path.tokens.logp.device_ptr_mut(s);
         let (lse, _d) = path.tokens.lse.device_ptr_mut(s);
         let (m, _e) = path.tokens.row_max.device_ptr_mut(s);
         let (ls, _f) = path.tokens.log_sum.device_ptr_mut(s);
         let (tg, _g) = path.token_grad.device_ptr(s);
         let (st, _h) = path.tokens.status.0.device_ptr_mut(s);
+        let (ent, _i) = super::opt_ptr_mut(path.tokens.entropy.as_mut(), s);
         TokenParams {
             logits: z,
-            grad_out: if backward == 1 { z } else { 0 },
-            tokens: y + off4,
-            logp: lp + off4,
-            lse: lse + off4,
-            row_max: m + off4,
-            log_sum: ls + off4,
-            entropy: 0,
-            token_grad: if backward == 1 { tg + off4 } else { 0 },
-            status: st,
+            grad_out: if backward { z } else { 0 },
+            tokens: at::<u32>(y, tok0),
+            logp: if backward { 0 } else { f(lp) },
+            lse: if backward { 0 } else { f(lse) },
+            row_max: f(m),
+            log_sum: f(ls),
+            entropy: if backward || ent == 0 { 0 } else { f(ent) },
+            token_grad: if backward { f(tg) } else { 0 },
+            status: if backward { 0 } else { st },
             rows: rows as i64,
-            vocab: self.vocab as i64,
-            inv_tau: (1.0 / tok.temperature) as f32,
+            vocab: cols as i64,
+            ld: ld as i64,
+            col0: col0 as i64,
+            row0: tok0 as i64,
+            inv_tau,
             pad: 0,
         }
     }
