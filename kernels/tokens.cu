@@ -29,41 +29,88 @@ struct TokenParams {
     int pad_;
 };
 
+// 16 bytes of elements, loaded or stored as one vector.
+template <typename T> union Pack16 {
+    uint4 raw;
+    T v[16 / sizeof(T)];
+};
+
+// The first element of row z at a 16-byte boundary (n when the row is too short, or when z, or
+// the output row d, is not aligned like it: then the whole row goes element by element).
+template <typename T>
+__device__ __forceinline__ long long vector_head(const T* z, const T* d, long long n) {
+    const uintptr_t a = (uintptr_t)z;
+    if (a % sizeof(T) != 0 || (a & 15u) != ((uintptr_t)d & 15u)) return n;
+    const long long head = (long long)((16u - (a & 15u)) & 15u) / (long long)sizeof(T);
+    return head < n ? head : n;
+}
+
+// Calls f(v, d[v], x_v) for the elements of row z (n of them) that lane `rank` of `size` owns and
+// stores what it returns, when `d` is not null, at d[v]: a scalar head up to the first 16-byte
+// boundary, then 16-byte vectors (one load and one store per lane per step), then a scalar tail.
+// Each element is read, then written, by the same lane, so d may be z (in place). Which lane owns
+// which element is fixed, so the per-lane partial results, and their reduction, are too.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_in_row(const T* z, T* d, long long n, int rank, int size, F f) {
+    constexpr int N = 16 / sizeof(T);
+    const long long head = vector_head(z, d ? d : z, n);
+    for (long long v = rank; v < head; v += size) {
+        const float y = f(v, to_f32(z[v]));
+        if (d) d[v] = from_f32<T>(y);
+    }
+    const long long nvec = (n - head) / N;
+    const uint4* zv = reinterpret_cast<const uint4*>(z + head);
+    uint4* dv = reinterpret_cast<uint4*>(d + head);
+    for (long long i = rank; i < nvec; i += size) {
+        Pack16<T> in, out;
+        in.raw = zv[i];
+        TPO_UNROLL
+        for (int j = 0; j < N; j++) out.v[j] = from_f32<T>(f(head + i * N + j, to_f32(in.v[j])));
+        if (d) dv[i] = out.raw;
+    }
+    for (long long v = head + nvec * N + rank; v < n; v += size) {
+        const float y = f(v, to_f32(z[v]));
+        if (d) d[v] = from_f32<T>(y);
+    }
+}
+
+#define TPO_LOG2E 1.4426950408889634f
+#define TPO_LN2 0.6931471805599453f
+
 template <typename T, typename Grp>
 __device__ __forceinline__ void token_fwd_row(const TokenParams& p, long long t, const Grp grp) {
     const T* z = (const T*)p.logits + t * p.ld;
-    const int r = grp.rank, step = grp.size();
+    const int r = grp.rank;
     // m is the max of the raw logits; differences (x - m) are formed before scaling by 1/tau, so
-    // large logits keep full precision: a - max a = (x - m) / tau.
-    const float it = p.inv_tau;
+    // large logits keep full precision: a - max a = (x - m) / tau. Exponentials are taken in base
+    // 2 (one multiply by it2 = log2(e) / tau, then exp2f): with b = (x - m) it2,
+    // S = sum 2^b and Z2 = sum 2^b b, so that log S is natural and Z = ln 2 Z2.
+    const float it = p.inv_tau, it2 = p.inv_tau * TPO_LOG2E;
     float m = neg_inf(), s = 0.f, sz = 0.f;
     int nbad = 0;
-    for (long long v = r; v < p.vocab; v += step) {
-        const float x = to_f32(z[v]);
-        if (isnan(x) || x == pos_inf()) {
+    for_each_in_row(z, (T*)nullptr, p.vocab, r, grp.size(), [&](long long v, float x) {
+        if (!(x < pos_inf())) {  // NaN or +inf
             report(p.status, (p.row0 + t) * p.vocab + v, TPO_BAD_LOGIT);
             nbad++;
-            continue;
-        }
-        if (x == neg_inf()) continue;
-        if (x > m) {
-            const float d = (m - x) * it;  // -inf when m = -inf
-            const float c = expf(d);
-            sz = s > 0.f ? (sz + d * s) * c : 0.f;
+        } else if (x > m) {
+            const float b = (m - x) * it2;  // -inf when m = -inf
+            const float c = exp2f(b);
+            sz = s > 0.f ? (sz + b * s) * c : 0.f;
             s = s * c + 1.f;
             m = x;
-        } else {
-            const float d = (x - m) * it;
-            const float e = expf(d);
+        } else if (x > neg_inf()) {
+            const float b = (x - m) * it2;
+            const float e = exp2f(b);
             s += e;
-            sz += e * d;
+            sz += e * b;
         }
-    }
+        return 0.f;
+    });
     const float M = grp.max(m);
-    const float dm = m == neg_inf() ? neg_inf() : (m - M) * it;
-    const float c = expf(dm);
+    const float bm = m == neg_inf() ? neg_inf() : (m - M) * it2;
+    const float c = exp2f(bm);
     const float S = grp.sum(s * c);
-    const float Z = grp.sum(s > 0.f ? (sz + dm * s) * c : 0.f);
+    const float Z = TPO_LN2 * grp.sum(s > 0.f ? (sz + bm * s) * c : 0.f);
     nbad = grp.isum(nbad);
     if (r == 0) {
         const unsigned int y = p.tokens[t];
@@ -92,15 +139,16 @@ template <typename T, typename Grp>
 __device__ __forceinline__ void token_bwd_row(const TokenParams& p, long long t, const Grp grp) {
     const T* z = (const T*)p.logits + t * p.ld;
     T* d = (T*)p.grad_out + t * p.ld;
-    // p_v = exp((a_v - m) - log S): relative to the row max, so large logits keep their precision.
-    const float g = p.token_grad[t], m = p.row_max[t], log_s = p.log_sum[t], it = p.inv_tau;
+    // p_v = exp((a_v - m) - log S) = 2^((z_v - m) it2 - log2 S): relative to the row max, so large
+    // logits keep their precision.
+    const float g = p.token_grad[t], m = p.row_max[t], it = p.inv_tau, it2 = p.inv_tau * TPO_LOG2E;
+    const float ls2 = p.log_sum[t] * TPO_LOG2E, git = g * it;
     // The sampled token's column in this block (outside 0..vocab when another block holds it).
     const long long y = (long long)p.tokens[t] - p.col0;
-    for (long long v = grp.rank; v < p.vocab; v += grp.size()) {
-        // Each element is read, then written, by the same thread: safe in place.
-        const float pv = expf((to_f32(z[v]) - m) * it - log_s);
-        d[v] = from_f32<T>(g * ((v == y ? 1.f : 0.f) - pv) * it);
-    }
+    for_each_in_row(z, d, p.vocab, grp.rank, grp.size(), [&](long long v, float x) {
+        const float pv = exp2f(fmaf(x - m, it2, -ls2));
+        return git * ((v == y ? 1.f : 0.f) - pv);
+    });
 }
 
 // Must match `SeqParams` in src/cuda/tokens.rs field for field.

@@ -12,6 +12,7 @@
 #include <cstring>
 #define __device__
 #define __forceinline__ inline
+struct uint4 { unsigned int x, y, z, w; };
 using std::isfinite;
 using std::isnan;
 using std::min;
@@ -23,6 +24,9 @@ inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v)
     if (v > old) *p = v;
     return old;
 }
+#define TPO_UNROLL
+#else
+#define TPO_UNROLL _Pragma("unroll")
 #endif
 
 // ---------------------------------------------------------------------------------------------

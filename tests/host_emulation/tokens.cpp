@@ -8,7 +8,9 @@
 //   kind 4 (backward over the vocabulary block col0..col0+cols, as the fused linear path runs it):
 //                       T rows vocab inv_tau col0 cols, then as kind 1 -> the number of padding
 //                       elements written (must be 0), grad[rows, cols]. The block is copied into
-//                       a buffer with row stride cols + 3, the padding poisoned.
+//                       a buffer with row stride cols + 3, the padding poisoned. With col0 odd,
+//                       the gradient goes to another buffer, one element off the logits'
+//                       alignment (not in place), and the padding count is of that buffer.
 //   kind 2 (seq sums):  n_seqs mean uniform, offsets[n+1], mask[T], token_logp[T] -> seq[n]
 //   kind 3 (broadcast): n_seqs mean uniform, offsets[n+1], mask[T], seq_grad[n] -> token_grad[T]
 //   (uniform = 1: the kernel gets no offsets but k = offsets[1], as for a uniform layout)
@@ -77,18 +79,21 @@ static int rows_kind(int kind, long long rows, long long vocab, double inv_tau, 
         std::vector<T> block(rows * ld, poison);
         for (long long t = 0; t < rows; t++)
             for (long long v = 0; v < cols; v++) block[t * ld + v] = logits[t * vocab + col0 + v];
+        std::vector<T> other(rows * ld + 1, poison);
+        const bool in_place = col0 % 2 == 0;
+        T* out = in_place ? block.data() : other.data() + 1;
         p.logits = block.data();
-        p.grad_out = block.data();  // in place, as the fused linear path does
+        p.grad_out = out;  // in place, as the fused linear path does, or elsewhere
         p.vocab = cols;
         p.ld = ld;
         p.col0 = col0;
         for (long long t = 0; t < rows; t++) token_bwd_row<T>(p, t, SerialGroup{0});
         int written = 0;
         for (long long t = 0; t < rows; t++)
-            for (long long v = cols; v < ld; v++) written += to_f32(block[t * ld + v]) != -12288.f;
+            for (long long v = cols; v < ld; v++) written += to_f32(out[t * ld + v]) != -12288.f;
         printf("%d\n", written);
         for (long long t = 0; t < rows; t++)
-            for (long long v = 0; v < cols; v++) printf("%.9g\n", to_f32(block[t * ld + v]));
+            for (long long v = 0; v < cols; v++) printf("%.9g\n", to_f32(out[t * ld + v]));
     }
     return 0;
 }
