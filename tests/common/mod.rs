@@ -112,21 +112,35 @@ pub fn within(name: &str, got: &[f64], want: &[f64], floor: f64, extra: f64) -> 
 }
 
 /// Compiles a host-emulation harness (tests/host_emulation/*.cpp, which include the kernels with
-/// `TPO_HOST`) once per test binary, with `CXX` or `c++`.
+/// `TPO_HOST`) once per test binary, with `CXX` or `c++`. A failed compile is remembered too, so
+/// that a test and its shrinking fail at once rather than recompiling for every case.
 pub fn compile_harness(name: &str) -> std::path::PathBuf {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static BUILT: Mutex<Option<HashMap<String, Result<std::path::PathBuf, String>>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let r = built.get_or_insert_with(HashMap::new).entry(name.to_string()).or_insert_with(|| compile(name));
+    r.clone().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn compile(name: &str) -> Result<std::path::PathBuf, String> {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let bin = dir.join(format!("tpo-{name}"));
     let src =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/host_emulation/{name}.cpp"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = std::process::Command::new(&cxx)
-        .args(["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+        .args(["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror"])
+        // Undefined behaviour (a misaligned vector access, an overflow) aborts the harness.
+        .args(["-fsanitize=undefined", "-fno-sanitize-recover=all", "-o"])
         .arg(&bin)
         .arg(&src)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx}: {e}"));
-    assert!(out.status.success(), "compiling {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    bin
+        .map_err(|e| format!("cannot run the C++ compiler {cxx}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("compiling {name} failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(bin)
 }
 
 /// Runs a harness with `input` on stdin and returns its whitespace-separated output.
