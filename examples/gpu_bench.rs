@@ -191,6 +191,7 @@ fn bench_hidden(tpo: &CudaTpo, rows: &mut Vec<String>) -> tpo::Result<()> {
         let (s, o) = (tpo.to_device(&scores)?, tpo.to_device(&old)?);
         let logits_bytes = t * vocab * 2;
         let mut fl = FusedLinear::new(tpo, vocab, dim, logits_bytes / 20)?;
+        println!("fused linear plan for H={dim}: {:?}", fl.plan(t)?);
         let mut out = fl.alloc_outputs(tpo, &seqs, &groups, PathAlloc::default())?;
         let batch = DeviceSequenceBatch { tokens: &y, seqs: &seqs, mask: &m, groups: &groups };
         let source = DeviceTarget::Rollout { logp_old: &o, scores: &s };
