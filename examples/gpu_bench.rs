@@ -169,7 +169,10 @@ fn bench_logits(tpo: &CudaTpo, copy_gbps: f64, rows: &mut Vec<String>) -> tpo::R
 /// The fused linear path (`FusedLinear::tpo_from_hidden`): T = 16384 tokens (128 sequences of
 /// 128), V = 151936, H in {2048, 4096}, bf16, with a workspace budget of 5% of what the
 /// materialised bf16 logits would take. Reports time, the rate of its four GEMMs (8 T V H flops:
-/// logits, recomputed logits, dh, dW) and the workspace's share of the materialised logits.
+/// logits, recomputed logits, dh, dW), the workspace's share of the materialised logits, and the
+/// device memory the call takes beyond its inputs and its two f32 gradient outputs (workspace,
+/// staging tile, per-token buffers and whatever cuBLAS allocates), read from the driver's free
+/// memory before and after the first call.
 fn bench_hidden(tpo: &CudaTpo, rows: &mut Vec<String>) -> tpo::Result<()> {
     use tpo::cpu::tokens::PathConfig;
     use tpo::cuda::{DeviceSequenceBatch, DeviceTarget, FusedLinear, PathAlloc};
@@ -190,6 +193,13 @@ fn bench_hidden(tpo: &CudaTpo, rows: &mut Vec<String>) -> tpo::Result<()> {
         let (y, m) = (tpo.to_device(&toks)?, tpo.to_device(&mask)?);
         let (s, o) = (tpo.to_device(&scores)?, tpo.to_device(&old)?);
         let logits_bytes = t * vocab * 2;
+        let free = || -> tpo::Result<usize> {
+            tpo.stream().synchronize().map_err(|e| tpo::TpoError::Cuda(format!("{e:?}")))?;
+            let (f, _) =
+                tpo.stream().context().mem_get_info().map_err(|e| tpo::TpoError::Cuda(format!("{e:?}")))?;
+            Ok(f)
+        };
+        let free0 = free()?;
         let mut fl = FusedLinear::new(tpo, vocab, dim, logits_bytes / 20)?;
         println!("fused linear plan for H={dim}: {:?}", fl.plan(t)?);
         let mut out = fl.alloc_outputs(tpo, &seqs, &groups, PathAlloc::default())?;
@@ -203,11 +213,20 @@ fn bench_hidden(tpo: &CudaTpo, rows: &mut Vec<String>) -> tpo::Result<()> {
             }
         };
         call(0);
+        let outputs_bytes = (t * dim + vocab * dim) * 4;
+        let extra = free0.saturating_sub(free()?).saturating_sub(outputs_bytes) as f64;
         let ms = time(tpo, 5, 1, &mut call)?;
         if let Some(e) = err {
             return Err(e);
         }
         tpo.check(&out.path.group.fit.status, &groups)?;
+        println!(
+            "fused linear H={dim}: extra device memory {:.3} GiB = {:.1}% of the logits ({:.2} GiB); f32 gradient outputs {:.2} GiB",
+            extra / 2f64.powi(30),
+            100.0 * extra / logits_bytes as f64,
+            logits_bytes as f64 / 2f64.powi(30),
+            outputs_bytes as f64 / 2f64.powi(30)
+        );
         let tflops = 8.0 * (t * vocab * dim) as f64 / (ms * 1e-3) / 1e12;
         let ws = fl.workspace_bytes() as f64 / logits_bytes as f64;
         println!(
@@ -216,9 +235,10 @@ fn bench_hidden(tpo: &CudaTpo, rows: &mut Vec<String>) -> tpo::Result<()> {
             100.0 * ws
         );
         rows.push(format!(
-            "{{\"impl\":\"tpo\",\"shape\":\"hidden_T{t}_H{dim}_V{vocab}\",\"B\":{nseq},\"K\":{len},\"dtype\":\"bf16\",\"median_us\":{:.1},\"groups_per_s\":{:.4e},\"bytes\":0,\"gbps\":0,\"copy_gbps\":1,\"tflops\":{tflops:.1},\"workspace_fraction\":{ws:.4}}}",
+            "{{\"impl\":\"tpo\",\"shape\":\"hidden_T{t}_H{dim}_V{vocab}\",\"B\":{nseq},\"K\":{len},\"dtype\":\"bf16\",\"median_us\":{:.1},\"groups_per_s\":{:.4e},\"bytes\":0,\"gbps\":0,\"copy_gbps\":1,\"tflops\":{tflops:.1},\"workspace_fraction\":{ws:.4},\"peak_extra_gib\":{:.3}}}",
             ms * 1e3,
-            8.0 / (ms * 1e-3)
+            8.0 / (ms * 1e-3),
+            extra / 2f64.powi(30)
         ));
     }
     Ok(())

@@ -26,7 +26,7 @@ for (impl, shape, dtype), r in sorted(t.items(), key=lambda kv: (kv[0][2], kv[1]
 hidden = sorted({s for (i, s, d) in t if s.startswith("hidden_")})
 if hidden:
     print("\nFused linear (hidden states x lm_head, forward + backward, bf16):\n")
-    print("| shape | tpo (ms) | tpo GEMM rate (TFLOP/s) | tpo workspace / logits | GEMMs alone, torch (ms) | tpo / GEMMs | torch eager (ms) | torch.compile (ms) | Liger FLCE (ms) | peak extra GiB: eager / compile / Liger |")
+    print("| shape | tpo (ms) | tpo GEMM rate (TFLOP/s) | tpo workspace / logits | GEMMs alone, torch (ms) | tpo / GEMMs | torch eager (ms) | torch.compile (ms) | Liger FLCE (ms) | peak extra GiB: tpo / eager / compile / Liger |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for s in hidden:
         get = lambda i, k="median_us": t.get((i, s, "bf16"), {}).get(k)
@@ -35,5 +35,8 @@ if hidden:
         ratio = f"{ours / gem:.2f}×" if ours and gem else "n/a"
         tf = get("tpo", "tflops")
         wsf = get("tpo", "workspace_fraction")
-        peaks = " / ".join(f"{get(i, 'peak_extra_gib')}" for i in ("torch_eager", "torch_compile", "liger_flce"))
+        peaks = " / ".join(f"{get(i, 'peak_extra_gib')}" for i in ("tpo", "torch_eager", "torch_compile", "liger_flce"))
         print(f"| {s} | {ms('tpo')} | {tf} | {100 * wsf:.1f}% | {ms('torch_gemms')} | {ratio} | {ms('torch_eager')} | {ms('torch_compile')} | {ms('liger_flce')} | {peaks} |" if wsf is not None else f"| {s} | n/a |")
+    print("\nPeak extra memory: tpo's is the driver's free memory before its first call minus after, less "
+          "its f32 gradient outputs (dh, dW); PyTorch's and Liger's are torch's peak allocation over the "
+          "inputs, and include their bf16 gradients (h.grad, w.grad).")
