@@ -60,7 +60,7 @@ __device__ __forceinline__ void for_each_in_row(const T* z, T* d, long long n, i
     }
     const long long nvec = (n - head) / N;
     const uint4* zv = reinterpret_cast<const uint4*>(z + head);
-    uint4* dv = reinterpret_cast<uint4*>(d + head);
+    uint4* dv = d ? reinterpret_cast<uint4*>(d + head) : nullptr;
     for (long long i = rank; i < nvec; i += size) {
         Pack16<T> in, out;
         in.raw = zv[i];
