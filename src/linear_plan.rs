@@ -282,6 +282,7 @@ impl LinearPlan {
     pub fn steps(&self) -> Vec<Step> {
         let (t, v, d) = (self.tokens, self.vocab, self.dim);
         let at = |buffer, offset| Operand { buffer, offset };
+        let gemm = |desc, a, b, c, accumulate| Step::Gemm(GemmCall { desc, a, b, c, accumulate });
         let mut steps = Vec::new();
         for c0 in (0..t).step_by(self.forward_rows) {
             let rows = self.forward_rows.min(t - c0);
@@ -293,13 +294,8 @@ impl LinearPlan {
                     steps.push(Step::StageTail { tok0: c0 + r0, rows: n });
                     at(Buffer::Stage, 0)
                 };
-                steps.push(Step::Gemm(GemmCall {
-                    desc: logits(v, d, GEMM_TILE, v),
-                    a: at(Buffer::Weight, 0),
-                    b: src,
-                    c: at(Buffer::Workspace, r0 * v),
-                    accumulate: false,
-                }));
+                let z = at(Buffer::Workspace, r0 * v);
+                steps.push(gemm(logits(v, d, GEMM_TILE, v), at(Buffer::Weight, 0), src, z, false));
             }
             steps.push(Step::TokenForward { tok0: c0, rows });
         }
@@ -309,29 +305,14 @@ impl LinearPlan {
             let rows = self.backward_rows.min(t - t0);
             for (bj, v0) in (0..v).step_by(ld).enumerate() {
                 let cols = ld.min(v - v0);
-                let ws = at(Buffer::Workspace, 0);
-                steps.push(Step::Gemm(GemmCall {
-                    desc: logits(cols, d, rows, ld),
-                    a: at(Buffer::Weight, v0 * d),
-                    b: at(Buffer::Hidden, t0 * d),
-                    c: ws,
-                    accumulate: false,
-                }));
+                let (ws, w, h) =
+                    (at(Buffer::Workspace, 0), at(Buffer::Weight, v0 * d), at(Buffer::Hidden, t0 * d));
+                steps.push(gemm(logits(cols, d, rows, ld), w, h, ws, false));
                 steps.push(Step::TokenBackward { tok0: t0, rows, col0: v0, cols, ld });
-                steps.push(Step::Gemm(GemmCall {
-                    desc: grad_weight(cols, d, rows, ld),
-                    a: at(Buffer::Hidden, t0 * d),
-                    b: ws,
-                    c: at(Buffer::GradWeight, v0 * d),
-                    accumulate: bi > 0,
-                }));
-                steps.push(Step::Gemm(GemmCall {
-                    desc: grad_hidden(cols, d, rows, ld),
-                    a: at(Buffer::Weight, v0 * d),
-                    b: ws,
-                    c: at(Buffer::GradHidden, t0 * d),
-                    accumulate: bj > 0,
-                }));
+                let dw = at(Buffer::GradWeight, v0 * d);
+                steps.push(gemm(grad_weight(cols, d, rows, ld), h, ws, dw, bi > 0));
+                let dh = at(Buffer::GradHidden, t0 * d);
+                steps.push(gemm(grad_hidden(cols, d, rows, ld), w, ws, dh, bj > 0));
             }
         }
         steps
