@@ -535,9 +535,13 @@ mod logits_path {
 
     #[test]
     fn full_vocabulary_rows() {
-        // V = 151936 (not a multiple of the block size), a few rows, bf16 as LLMs store logits.
+        // V = 151936 (not a multiple of the block size), a few rows, bf16 as LLMs store logits;
+        // the largest vocabulary, 262144; an odd one, whose rows start off the 16-byte
+        // vector boundary.
         check_tokens_t::<bf16>(3, 151_936, 20.0, 1.0, 7).unwrap();
         check_tokens_t::<f32>(2, 151_936, 20.0, 0.7, 8).unwrap();
+        check_tokens_t::<bf16>(2, 262_144, 20.0, 1.0, 9).unwrap();
+        check_tokens_t::<f16>(3, 151_937, 20.0, 1.3, 10).unwrap();
     }
 }
 
