@@ -424,9 +424,11 @@ impl CudaTpo {
             LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(f);
         b.arg(&params);
-        // SAFETY: the caller checked every buffer against `rows` and `vocab` (logits and the
-        // gradient hold rows * vocab elements, per-token buffers rows); the kernel stays within
-        // them and only reads `tokens[t]`-th logits after checking `tokens[t] < vocab`.
+        // SAFETY: the caller checked every buffer against the parameters: logits and the gradient
+        // span at least (rows - 1) * ld + vocab elements (ld = vocab but for the fused linear
+        // path's blocks, which it checks against its workspace), per-token buffers rows elements
+        // from their (offset) pointers. The kernel reads and writes only columns 0..vocab of rows
+        // 0..rows, and reads the `tokens[t]`-th logit only after checking `tokens[t] < vocab`.
         unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
         Ok(())
     }
