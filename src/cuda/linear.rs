@@ -176,6 +176,9 @@ impl FusedLinear {
                     self.gemm(tpo, &g, hidden, weight, out)?;
                 }
                 Step::TokenForward { tok0, rows } => {
+                    if rows * v > self.workspace.len() || tok0 + rows > t {
+                        return Err(TpoError::Cuda(format!("fused linear schedule: bad chunk {step:?}")));
+                    }
                     let p =
                         self.token_params(tpo, batch, &mut out.path, tok0, rows, (0, v, v), inv_tau, false);
                     tpo.launch_rows("tpo_token_fwd_bf16", rows, p)?;
