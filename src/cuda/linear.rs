@@ -20,7 +20,7 @@
 //! checks this module against the same reference, and the chunk-size independence, on a device.
 
 use super::tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers, PathAlloc, TokenParams};
-use super::{cuda_err, CudaTpo, DeviceLayout};
+use super::{cuda_err, CudaTpo, DeviceLayout, KernelKey};
 use crate::cpu::tokens::PathConfig;
 use crate::error::{Result, TpoError};
 use crate::linear_plan::{Buffer, GemmCall, LinearPlan, Step};
@@ -181,7 +181,7 @@ impl FusedLinear {
                     }
                     let p =
                         self.token_params(tpo, batch, &mut out.path, tok0, rows, (0, v, v), inv_tau, false);
-                    tpo.launch_rows("tpo_token_fwd_bf16", rows, p)?;
+                    tpo.launch_rows(KernelKey::new("token_fwd", "", "bf16", ""), rows, p)?;
                 }
                 Step::Group => tpo.sequence_group_backward(batch, source, cfg, &mut out.path)?,
                 Step::TokenBackward { tok0, rows, col0, cols, ld } => {
@@ -198,7 +198,7 @@ impl FusedLinear {
                         inv_tau,
                         true,
                     );
-                    tpo.launch_rows("tpo_token_bwd_bf16", rows, p)?;
+                    tpo.launch_rows(KernelKey::new("token_bwd", "", "bf16", ""), rows, p)?;
                 }
             }
         }

@@ -156,11 +156,41 @@ pub struct FusedBuffers<G: DeviceFloat> {
     pub fit: FitBuffers<G>,
 }
 
+/// A kernel's name in parts, `tpo_{kind}[_{path}][_{t}][_{g}]` with empty parts left out, so that
+/// a launch finds its kernel from static strings without building the name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct KernelKey {
+    kind: &'static str,
+    path: &'static str,
+    t: &'static str,
+    g: &'static str,
+}
+
+impl KernelKey {
+    pub(crate) const fn new(
+        kind: &'static str,
+        path: &'static str,
+        t: &'static str,
+        g: &'static str,
+    ) -> Self {
+        Self { kind, path, t, g }
+    }
+
+    fn name(&self) -> String {
+        ["tpo", self.kind, self.path, self.t, self.g]
+            .iter()
+            .filter(|p| !p.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("_")
+    }
+}
+
 /// The CUDA backend: a context, a stream and the loaded kernels.
 pub struct CudaTpo {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    kernels: std::collections::HashMap<String, CudaFunction>,
+    kernels: std::collections::HashMap<KernelKey, CudaFunction>,
     reduce: CudaFunction,
     sm_count: u32,
     nvtx: bool,
@@ -239,23 +269,22 @@ impl CudaTpo {
         let tok_module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(tok_ptx))
             .map_err(|e| cuda_err("cannot load the token kernels", e))?;
-        for n in tokens::KERNEL_NAMES.iter().map(|s| s.to_string()) {
-            let f = tok_module.load_function(&n).map_err(|e| cuda_err(&format!("missing kernel {n}"), e))?;
-            kernels.insert(n, f);
-        }
         let types = ["f32", "bf16", "f16"];
+        let mut group_keys = Vec::new();
         for path in ["warp", "block"] {
             for t in types {
-                let mut names = vec![format!("tpo_target_{path}_{t}")];
+                group_keys.push(KernelKey::new("target", path, t, ""));
                 for g in types {
-                    names.push(format!("tpo_fit_{path}_{t}_{g}"));
-                    names.push(format!("tpo_fused_{path}_{t}_{g}"));
+                    group_keys.push(KernelKey::new("fit", path, t, g));
+                    group_keys.push(KernelKey::new("fused", path, t, g));
                 }
-                for n in names {
-                    let f =
-                        module.load_function(&n).map_err(|e| cuda_err(&format!("missing kernel {n}"), e))?;
-                    kernels.insert(n, f);
-                }
+            }
+        }
+        for (m, keys) in [(&tok_module, tokens::KERNEL_KEYS.to_vec()), (&module, group_keys)] {
+            for key in keys {
+                let n = key.name();
+                let f = m.load_function(&n).map_err(|e| cuda_err(&format!("missing kernel {n}"), e))?;
+                kernels.insert(key, f);
             }
         }
         let sm_count = ctx
@@ -569,15 +598,15 @@ impl CudaTpo {
         self.stream.memset_zeros(&mut status.0).map_err(|e| cuda_err("clearing the status word", e))
     }
 
-    fn kernel(&self, name: &str) -> Result<&CudaFunction> {
-        self.kernels.get(name).ok_or_else(|| TpoError::Cuda(format!("missing kernel {name}")))
+    fn kernel(&self, key: KernelKey) -> Result<&CudaFunction> {
+        self.kernels.get(&key).ok_or_else(|| TpoError::Cuda(format!("missing kernel {}", key.name())))
     }
 
     fn launch_group(
         &self,
-        kind: &str,
-        t: &str,
-        g: Option<&str>,
+        kind: &'static str,
+        t: &'static str,
+        g: Option<&'static str>,
         l: &GroupLayout,
         params: Params,
     ) -> Result<()> {
@@ -589,11 +618,8 @@ impl CudaTpo {
         } else {
             ("block", BLOCK_THREADS, b.min(u64::from(self.sm_count) * 4))
         };
-        let name = match g {
-            Some(g) => format!("tpo_{kind}_{path}_{t}_{g}"),
-            None => format!("tpo_{kind}_{path}_{t}"),
-        };
-        let f = self.kernel(&name)?;
+        let key = KernelKey::new(kind, path, t, g.unwrap_or(""));
+        let f = self.kernel(key)?;
         let cfg = LaunchConfig {
             grid_dim: (grid.max(1) as u32, 1, 1),
             block_dim: (threads, 1, 1),
@@ -605,7 +631,7 @@ impl CudaTpo {
         // the layout above (per-member buffers hold `layout.len()` elements, per-group ones
         // `num_groups` or `rows * num_groups`, offsets `num_groups + 1`); the kernel reads and
         // writes only within those bounds, and all buffers are ordered on this stream.
-        unsafe { builder.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
+        unsafe { builder.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {}", key.name()), e))?;
         Ok(())
     }
 
@@ -702,4 +728,22 @@ pub fn fused_bytes(layout: &GroupLayout, input_bytes: usize, grad_bytes: usize, 
     let n = layout.len() as u64;
     let per_member = input_bytes as u64 * if with_old { 2 } else { 1 } + 4 + 4 + grad_bytes as u64;
     n * per_member + 4 * layout.num_groups() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key names an entry point of the embedded PTX (no GPU needed).
+    #[test]
+    fn kernel_keys_name_the_ptx_entry_points() {
+        let all: String = kernels::PTX.iter().map(|(_, p)| *p).collect();
+        let mut keys = tokens::KERNEL_KEYS.to_vec();
+        keys.push(KernelKey::new("fused", "block", "bf16", "f16"));
+        keys.push(KernelKey::new("target", "warp", "f32", ""));
+        for k in keys {
+            let n = k.name();
+            assert!(all.contains(&format!(".entry {n}(")), "{n} is not in the PTX");
+        }
+    }
 }

@@ -8,20 +8,20 @@
 //! plus half an ulp of its storage type (`2^-9` relative for bf16, `2^-12` for f16). Storing
 //! logits in bf16 moves a log-prob by up to `2^-8 max|z| / tau` before any kernel runs.
 
-use super::{cuda_err, CudaTpo, DeviceFloat, DeviceLayout, DeviceStatus, FusedBuffers};
+use super::{cuda_err, CudaTpo, DeviceFloat, DeviceLayout, DeviceStatus, FusedBuffers, KernelKey};
 use crate::cpu::tokens::{PathConfig, SeqReduce, TokenConfig};
 use crate::error::{Result, TpoError};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-pub(super) const KERNEL_NAMES: [&str; 8] = [
-    "tpo_token_fwd_f32",
-    "tpo_token_fwd_bf16",
-    "tpo_token_fwd_f16",
-    "tpo_token_bwd_f32",
-    "tpo_token_bwd_bf16",
-    "tpo_token_bwd_f16",
-    "tpo_seq_reduce",
-    "tpo_seq_broadcast",
+pub(super) const KERNEL_KEYS: [KernelKey; 8] = [
+    KernelKey::new("token_fwd", "", "f32", ""),
+    KernelKey::new("token_fwd", "", "bf16", ""),
+    KernelKey::new("token_fwd", "", "f16", ""),
+    KernelKey::new("token_bwd", "", "f32", ""),
+    KernelKey::new("token_bwd", "", "bf16", ""),
+    KernelKey::new("token_bwd", "", "f16", ""),
+    KernelKey::new("seq_reduce", "", "", ""),
+    KernelKey::new("seq_broadcast", "", "", ""),
 ];
 const ROW_THREADS: u32 = 256;
 
@@ -233,7 +233,7 @@ impl CudaTpo {
             inv_tau: (1.0 / cfg.temperature) as f32,
             pad: 0,
         };
-        self.launch_rows(&format!("tpo_token_fwd_{}", T::SUFFIX), rows, params)
+        self.launch_rows(KernelKey::new("token_fwd", "", T::SUFFIX, ""), rows, params)
     }
 
     /// `dL/dz = g_t (onehot(y_t) - softmax(z_t / tau)) / tau` into `grad` (shaped like the
@@ -293,7 +293,7 @@ impl CudaTpo {
         reduce: SeqReduce,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.seq_call("tpo_seq_reduce", seqs, mask, reduce, Some(token_logp), None, Some(out), None)
+        self.seq_call("seq_reduce", seqs, mask, reduce, Some(token_logp), None, Some(out), None)
     }
 
     /// Broadcasts per-sequence gradients to per-token upstream gradients (the adjoint of
@@ -306,7 +306,7 @@ impl CudaTpo {
         reduce: SeqReduce,
         token_grad: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.seq_call("tpo_seq_broadcast", seqs, mask, reduce, None, Some(seq_grad), None, Some(token_grad))
+        self.seq_call("seq_broadcast", seqs, mask, reduce, None, Some(seq_grad), None, Some(token_grad))
     }
 
     /// The whole path on the device (see [`crate::cpu::tokens::tpo_from_logits`]): token
@@ -414,11 +414,11 @@ impl CudaTpo {
             inv_tau: (1.0 / cfg.temperature) as f32,
             pad: 0,
         };
-        self.launch_rows(&format!("tpo_token_bwd_{}", T::SUFFIX), rows, params)
+        self.launch_rows(KernelKey::new("token_bwd", "", T::SUFFIX, ""), rows, params)
     }
 
-    pub(super) fn launch_rows(&self, name: &str, rows: usize, params: TokenParams) -> Result<()> {
-        let f = self.kernel(name)?;
+    pub(super) fn launch_rows(&self, key: KernelKey, rows: usize, params: TokenParams) -> Result<()> {
+        let f = self.kernel(key)?;
         let grid = (rows as u64).min(u64::from(self.sm_count) * 16).max(1) as u32;
         let cfg =
             LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
@@ -429,14 +429,14 @@ impl CudaTpo {
         // path's blocks, which it checks against its workspace), per-token buffers rows elements
         // from their (offset) pointers. The kernel reads and writes only columns 0..vocab of rows
         // 0..rows, and reads the `tokens[t]`-th logit only after checking `tokens[t] < vocab`.
-        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {}", key.name()), e))?;
         Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
     fn seq_call(
         &self,
-        name: &str,
+        kind: &'static str,
         seqs: &DeviceLayout,
         mask: &CudaSlice<u8>,
         reduce: SeqReduce,
@@ -477,14 +477,15 @@ impl CudaTpo {
             mean: i32::from(reduce == SeqReduce::Mean),
             pad: 0,
         };
-        let f = self.kernel(name)?;
+        let key = KernelKey::new(kind, "", "", "");
+        let f = self.kernel(key)?;
         let grid = (l.num_groups() as u64).div_ceil(8).min(u64::from(self.sm_count) * 32).max(1) as u32;
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(f);
         b.arg(&params);
         // SAFETY: offsets (or n_seqs * k for a uniform layout) end at mask.len(); every per-token and
         // per-sequence buffer the kernel touches was checked against the layout above.
-        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {}", key.name()), e))?;
         Ok(())
     }
 }
