@@ -38,6 +38,8 @@ pub struct FusedLinear {
     dim: usize,
     workspace: CudaSlice<bf16>,
     stage_h: CudaSlice<bf16>,
+    /// The last batch's plan and steps, reused while the batch size stays the same.
+    schedule: Option<(LinearPlan, Vec<Step>)>,
 }
 
 /// Outputs of [`FusedLinear::tpo_from_hidden`].
@@ -79,7 +81,8 @@ impl FusedLinear {
                 "cannot start cuBLAS (is libcublas from CUDA 13 on the library path?): {e:?}"
             ))
         })?;
-        Ok(Self { blas, vocab, dim, workspace: tpo.zeros(elems)?, stage_h: tpo.zeros(GEMM_TILE * dim)? })
+        let (workspace, stage_h) = (tpo.zeros(elems)?, tpo.zeros(GEMM_TILE * dim)?);
+        Ok(Self { blas, vocab, dim, workspace, stage_h, schedule: None })
     }
 
     /// Tokens per forward chunk for a batch of `tokens` (a multiple of [`GEMM_TILE`]); see
@@ -159,10 +162,35 @@ impl FusedLinear {
             });
         }
         let plan = self.plan(t)?;
+        let (plan, steps) = match self.schedule.take() {
+            Some((p, steps)) if p == plan => (p, steps),
+            _ => (plan, plan.steps()),
+        };
         let _range = tpo.range("tpo::tpo_from_hidden");
+        let r = self.run(tpo, &plan, &steps, hidden, weight, batch, source, cfg, out);
+        self.schedule = Some((plan, steps));
+        r
+    }
+
+    /// Runs a plan's steps (see [`tpo_from_hidden`](Self::tpo_from_hidden), which checked the
+    /// buffers against the plan).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        tpo: &CudaTpo,
+        plan: &LinearPlan,
+        steps: &[Step],
+        hidden: &CudaSlice<bf16>,
+        weight: &CudaSlice<bf16>,
+        batch: &DeviceSequenceBatch,
+        source: DeviceTarget,
+        cfg: &PathConfig,
+        out: &mut LinearOutputs,
+    ) -> Result<()> {
+        let (t, v, d) = (plan.tokens, plan.vocab, plan.dim);
         tpo.reset(&mut out.path.tokens.status)?;
-        let inv_tau = (1.0 / tok.temperature) as f32;
-        for step in plan.steps() {
+        let inv_tau = (1.0 / cfg.tokens.temperature) as f32;
+        for &step in steps {
             match step {
                 Step::StageTail { tok0, rows } => {
                     // A partial tile: its rows into a zeroed tile, so the GEMM keeps its shape.
@@ -294,24 +322,35 @@ impl FusedLinear {
         let (tg, _g) = path.token_grad.device_ptr(s);
         let (st, _h) = path.tokens.status.0.device_ptr_mut(s);
         let (ent, _i) = super::opt_ptr_mut(path.tokens.entropy.as_mut(), s);
-        TokenParams {
-            logits: z,
-            grad_out: if backward { z } else { 0 },
-            tokens: at::<u32>(y, tok0),
-            logp: if backward { 0 } else { f(lp) },
-            lse: if backward { 0 } else { f(lse) },
-            row_max: f(m),
-            log_sum: f(ls),
-            entropy: if backward || ent == 0 { 0 } else { f(ent) },
-            token_grad: if backward { f(tg) } else { 0 },
-            status: if backward { 0 } else { st },
-            rows: rows as i64,
-            vocab: cols as i64,
+        let block = TokenParams {
             ld: ld as i64,
             col0: col0 as i64,
             row0: tok0 as i64,
-            inv_tau,
-            pad: 0,
+            ..TokenParams::rows(rows, cols, inv_tau)
+        };
+        if backward {
+            TokenParams {
+                logits: z,
+                grad_out: z,
+                tokens: at::<u32>(y, tok0),
+                row_max: f(m),
+                log_sum: f(ls),
+                token_grad: f(tg),
+                ..block
+            }
+        } else {
+            let entropy = if ent == 0 { 0 } else { f(ent) };
+            TokenParams {
+                logits: z,
+                tokens: at::<u32>(y, tok0),
+                logp: f(lp),
+                lse: f(lse),
+                row_max: f(m),
+                log_sum: f(ls),
+                entropy,
+                status: st,
+                ..block
+            }
         }
     }
 }

@@ -50,6 +50,19 @@ pub(super) struct TokenParams {
 // SAFETY: repr(C), Copy, plain integers and floats matching the C struct passed by value.
 unsafe impl DeviceRepr for TokenParams {}
 
+impl TokenParams {
+    /// `rows` whole rows of `vocab` logits (row stride `vocab`), no buffer set yet.
+    pub(super) fn rows(rows: usize, vocab: usize, inv_tau: f32) -> Self {
+        let (rows, vocab) = (rows as i64, vocab as i64);
+        #[rustfmt::skip]
+        let p = Self {
+            logits: 0, grad_out: 0, tokens: 0, logp: 0, lse: 0, row_max: 0, log_sum: 0, entropy: 0,
+            token_grad: 0, status: 0, rows, vocab, ld: vocab, col0: 0, row0: 0, inv_tau, pad: 0,
+        };
+        p
+    }
+}
+
 /// Must match `struct SeqParams` in kernels/tokens.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -216,22 +229,14 @@ impl CudaTpo {
         let (p_ls, _h) = out.log_sum.device_ptr_mut(s);
         let params = TokenParams {
             logits: p_z,
-            grad_out: 0,
             tokens: p_y,
             logp: p_l,
             lse: p_lse,
             row_max: p_m,
             log_sum: p_ls,
             entropy: p_e,
-            token_grad: 0,
             status: p_st,
-            rows: rows as i64,
-            vocab: vocab as i64,
-            ld: vocab as i64,
-            col0: 0,
-            row0: 0,
-            inv_tau: (1.0 / cfg.temperature) as f32,
-            pad: 0,
+            ..TokenParams::rows(rows, vocab, (1.0 / cfg.temperature) as f32)
         };
         self.launch_rows(KernelKey::new("token_fwd", "", T::SUFFIX, ""), rows, params)
     }
@@ -399,20 +404,10 @@ impl CudaTpo {
             logits: p_z,
             grad_out: p_g,
             tokens: p_y,
-            logp: 0,
-            lse: 0,
             row_max: p_m,
             log_sum: p_ls,
-            entropy: 0,
             token_grad: p_tg,
-            status: 0,
-            rows: rows as i64,
-            vocab: vocab as i64,
-            ld: vocab as i64,
-            col0: 0,
-            row0: 0,
-            inv_tau: (1.0 / cfg.temperature) as f32,
-            pad: 0,
+            ..TokenParams::rows(rows, vocab, (1.0 / cfg.temperature) as f32)
         };
         self.launch_rows(KernelKey::new("token_bwd", "", T::SUFFIX, ""), rows, params)
     }
