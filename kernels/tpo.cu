@@ -23,7 +23,7 @@ struct TpoParams {
     float* group_loss;         // fit, fused
     float* stats;              // rows of B floats, or null (see stats_rows in mod.rs)
     unsigned long long* status;
-    long long num_groups;
+    long long num_groups;      // B: groups in the layout (row length of stats)
     long long k;
     float inv_eta;
     float zero_std_threshold;
@@ -31,6 +31,10 @@ struct TpoParams {
     int anchored;
     int loss_kl;
     int pad_;
+    // This launch's work list: the groups of one size class (see DeviceLayout in
+    // src/cuda/mod.rs). Item i is group group_ids[i], or group i when group_ids is null.
+    const long long* group_ids;
+    long long num_items;
 };
 
 enum { MODE_TARGET = 0, MODE_FIT = 1, MODE_FUSED = 2 };
@@ -259,20 +263,21 @@ __device__ __forceinline__ void tpo_group(const TpoParams& p, long long g, const
 }
 
 #ifndef TPO_HOST
-// A warp per group, WARPS_PER_BLOCK groups per block, grid-stride over groups.
+// A warp per group, WARPS_PER_BLOCK groups per block, grid-stride over the launch's work list.
 template <typename T, typename G, int MODE>
 __device__ __forceinline__ void warp_kernel(const TpoParams& p) {
     const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-    for (long long g = warp; g < p.num_groups; g += nwarps) tpo_group<T, G, MODE>(p, g, WarpGroup{(int)(threadIdx.x & 31)});
+    for (long long i = warp; i < p.num_items; i += nwarps)
+        tpo_group<T, G, MODE>(p, p.group_ids ? p.group_ids[i] : i, WarpGroup{(int)(threadIdx.x & 31)});
 }
 
-// A block per group, shared-memory reductions, grid-stride over groups.
+// A block per group, shared-memory reductions, grid-stride over the launch's work list.
 template <typename T, typename G, int MODE>
 __device__ __forceinline__ void block_kernel(const TpoParams& p) {
     __shared__ float scratch[33];
-    for (long long g = blockIdx.x; g < p.num_groups; g += gridDim.x)
-        tpo_group<T, G, MODE>(p, g, BlockGroup{(int)threadIdx.x, scratch});
+    for (long long i = blockIdx.x; i < p.num_items; i += gridDim.x)
+        tpo_group<T, G, MODE>(p, p.group_ids ? p.group_ids[i] : i, BlockGroup{(int)threadIdx.x, scratch});
 }
 
 #define TPO_WARP_THREADS 256

@@ -96,6 +96,8 @@ struct Params {
     anchored: i32,
     loss_kl: i32,
     pad: i32,
+    group_ids: u64,
+    num_items: i64,
 }
 
 // SAFETY: `Params` is `repr(C)`, `Copy`, holds only plain integers and floats (device addresses
@@ -103,10 +105,65 @@ struct Params {
 unsafe impl DeviceRepr for Params {}
 
 /// A layout uploaded to the device once (ragged offsets as `i64`), reused by every call.
+///
+/// Its groups are sorted once, at upload, into the kernels' two size classes: groups of at most
+/// [`WARP_MAX_GROUP`] members take the warp path, larger ones the block path. A call launches
+/// each non-empty class on its own path (a mixed layout gets two launches on the stream, each
+/// over the list of its groups' indices, uploaded here), so a group's path, and hence its exact
+/// bits, depends only on its own size, and no call scans the offsets on the host.
 #[derive(Debug)]
 pub struct DeviceLayout {
     host: GroupLayout,
     offsets: Option<CudaSlice<i64>>,
+    classes: Vec<SizeClass>,
+}
+
+/// The groups of one size class: all of the layout's (`ids` is `None`) or the listed ones.
+#[derive(Debug)]
+struct SizeClass {
+    path: GroupPath,
+    count: usize,
+    ids: Option<CudaSlice<i64>>,
+}
+
+/// Which kernel path a group takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupPath {
+    /// A warp per group.
+    Warp,
+    /// A block per group.
+    Block,
+}
+
+impl GroupPath {
+    /// The path a group of `size` members takes.
+    pub(crate) fn of(size: usize) -> Self {
+        if size <= WARP_MAX_GROUP {
+            Self::Warp
+        } else {
+            Self::Block
+        }
+    }
+}
+
+/// The size classes of a layout: for each path that has groups, in the order warp then block,
+/// `None` when the class holds every group, else the ascending indices of its groups.
+pub(crate) fn size_classes(layout: &GroupLayout) -> Vec<(GroupPath, Option<Vec<i64>>)> {
+    if let Some(k) = layout.uniform_size() {
+        return vec![(GroupPath::of(k), None)];
+    }
+    let (mut warp, mut block) = (Vec::new(), Vec::new());
+    for (g, w) in layout.offsets().windows(2).enumerate() {
+        match GroupPath::of(w[1] - w[0]) {
+            GroupPath::Warp => warp.push(g as i64),
+            GroupPath::Block => block.push(g as i64),
+        }
+    }
+    match (warp.is_empty(), block.is_empty()) {
+        (_, true) => vec![(GroupPath::Warp, None)],
+        (true, false) => vec![(GroupPath::Block, None)],
+        (false, false) => vec![(GroupPath::Warp, Some(warp)), (GroupPath::Block, Some(block))],
+    }
 }
 
 impl DeviceLayout {
@@ -340,7 +397,13 @@ impl CudaTpo {
             Some(_) => None,
             None => Some(self.to_device(&layout.offsets().iter().map(|&o| o as i64).collect::<Vec<_>>())?),
         };
-        Ok(DeviceLayout { host: layout.clone(), offsets })
+        let mut classes = Vec::new();
+        for (path, ids) in size_classes(layout) {
+            let count = ids.as_ref().map_or(layout.num_groups(), Vec::len);
+            let ids = ids.map(|v| self.to_device(&v)).transpose()?;
+            classes.push(SizeClass { path, count, ids });
+        }
+        Ok(DeviceLayout { host: layout.clone(), offsets, classes })
     }
 
     fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
@@ -428,8 +491,10 @@ impl CudaTpo {
             anchored: i32::from(cfg.anchor == Anchor::Anchored),
             loss_kl: 0,
             pad: 0,
+            group_ids: 0,
+            num_items: 0,
         };
-        self.launch_group("target", T::SUFFIX, None, l, params)
+        self.launch_group("target", T::SUFFIX, None, layout, params)
     }
 
     /// Fits `logp` to a stored target `q` on the device (see [`crate::cpu::fit`]); also reduces
@@ -454,7 +519,7 @@ impl CudaTpo {
         let (p_q, _b) = q.device_ptr(s);
         let (p_off, _f) = opt_ptr(layout.offsets.as_ref(), s);
         let params = Params { logp: p_l, q_in: p_q, offsets: p_off, ..self.fit_params(l, cfg, w, out) };
-        self.launch_group("fit", T::SUFFIX, Some(G::SUFFIX), l, params)?;
+        self.launch_group("fit", T::SUFFIX, Some(G::SUFFIX), layout, params)?;
         self.reduce_loss(&out.group_loss, w, &mut out.loss)
     }
 
@@ -501,7 +566,7 @@ impl CudaTpo {
             anchored: i32::from(tcfg.anchor == Anchor::Anchored),
             ..self.fit_params(l, fcfg, w, &mut out.fit)
         };
-        self.launch_group("fused", T::SUFFIX, Some(G::SUFFIX), l, params)?;
+        self.launch_group("fused", T::SUFFIX, Some(G::SUFFIX), layout, params)?;
         self.reduce_loss(&out.fit.group_loss, w, &mut out.fit.loss)
     }
 
@@ -562,6 +627,8 @@ impl CudaTpo {
             anchored: 1,
             loss_kl: i32::from(cfg.form == LossForm::Kl),
             pad: 0,
+            group_ids: 0,
+            num_items: 0,
         }
     }
 
@@ -607,31 +674,36 @@ impl CudaTpo {
         kind: &'static str,
         t: &'static str,
         g: Option<&'static str>,
-        l: &GroupLayout,
+        layout: &DeviceLayout,
         params: Params,
     ) -> Result<()> {
-        let b = l.num_groups() as u64;
-        let warp = l.max_group_size() <= WARP_MAX_GROUP;
-        let (path, threads, grid) = if warp {
-            let groups_per_block = u64::from(WARP_THREADS / 32);
-            ("warp", WARP_THREADS, b.div_ceil(groups_per_block).min(u64::from(self.sm_count) * 32))
-        } else {
-            ("block", BLOCK_THREADS, b.min(u64::from(self.sm_count) * 4))
-        };
-        let key = KernelKey::new(kind, path, t, g.unwrap_or(""));
-        let f = self.kernel(key)?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid.max(1) as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut builder = self.stream.launch_builder(f);
-        builder.arg(&params);
-        // SAFETY: every address in `params` belongs to a live buffer whose length was checked against
-        // the layout above (per-member buffers hold `layout.len()` elements, per-group ones
-        // `num_groups` or `rows * num_groups`, offsets `num_groups + 1`); the kernel reads and
-        // writes only within those bounds, and all buffers are ordered on this stream.
-        unsafe { builder.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {}", key.name()), e))?;
+        for class in &layout.classes {
+            let n = class.count as u64;
+            let (path, threads, grid) = match class.path {
+                GroupPath::Warp => {
+                    let groups_per_block = u64::from(WARP_THREADS / 32);
+                    ("warp", WARP_THREADS, n.div_ceil(groups_per_block).min(u64::from(self.sm_count) * 32))
+                }
+                GroupPath::Block => ("block", BLOCK_THREADS, n.min(u64::from(self.sm_count) * 4)),
+            };
+            let key = KernelKey::new(kind, path, t, g.unwrap_or(""));
+            let f = self.kernel(key)?;
+            let (p_ids, _ids) = opt_ptr(class.ids.as_ref(), &self.stream);
+            let params = Params { group_ids: p_ids, num_items: class.count as i64, ..params };
+            let cfg = LaunchConfig {
+                grid_dim: (grid.max(1) as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = self.stream.launch_builder(f);
+            builder.arg(&params);
+            // SAFETY: every address in `params` belongs to a live buffer whose length was checked
+            // against the layout above (per-member buffers hold `layout.len()` elements, per-group
+            // ones `num_groups` or `rows * num_groups`, offsets `num_groups + 1`, the class's group
+            // ids `num_items` indices below `num_groups`, made at upload); the kernel reads and
+            // writes only within those bounds, and all buffers are ordered on this stream.
+            unsafe { builder.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {}", key.name()), e))?;
+        }
         Ok(())
     }
 
@@ -733,6 +805,35 @@ pub fn fused_bytes(layout: &GroupLayout, input_bytes: usize, grad_bytes: usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn classes(sizes: &[usize]) -> Vec<(GroupPath, Option<Vec<i64>>)> {
+        size_classes(&GroupLayout::from_sizes(sizes).unwrap())
+    }
+
+    /// Each group takes the path of its own size, whatever the other groups of the layout are;
+    /// one class covering every group needs no index list (no GPU needed).
+    #[test]
+    fn size_classes_follow_each_groups_own_size() {
+        use GroupPath::{Block, Warp};
+        assert_eq!(size_classes(&GroupLayout::uniform(5, 256).unwrap()), vec![(Warp, None)]);
+        assert_eq!(size_classes(&GroupLayout::uniform(5, 257).unwrap()), vec![(Block, None)]);
+        assert_eq!(classes(&[1, 256, 3]), vec![(Warp, None)]);
+        assert_eq!(classes(&[300, 257, 4096]), vec![(Block, None)]);
+        assert_eq!(
+            classes(&[3, 257, 256, 1, 1000, 2]),
+            vec![(Warp, Some(vec![0, 2, 3, 5])), (Block, Some(vec![1, 4]))]
+        );
+        // A pseudo-random ragged layout: every group is in exactly one class, by its own size.
+        let sizes: Vec<usize> = (0..500u64).map(|i| 1 + ((i * 2654435761) % 600) as usize).collect();
+        let mut seen = vec![0; sizes.len()];
+        for (path, ids) in classes(&sizes) {
+            for g in ids.unwrap() {
+                assert_eq!(path, GroupPath::of(sizes[g as usize]));
+                seen[g as usize] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1));
+    }
 
     /// Every key names an entry point of the embedded PTX (no GPU needed).
     #[test]
