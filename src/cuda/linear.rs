@@ -25,15 +25,21 @@ use crate::cpu::tokens::PathConfig;
 use crate::error::{Result, TpoError};
 use crate::linear_plan::{Buffer, GemmCall, LinearPlan, Step};
 use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 use std::ffi::c_void;
+use std::sync::Arc;
 
 pub use crate::linear_plan::GEMM_TILE;
 
 /// The fused linear + TPO call's workspace, sized once from a memory budget.
+///
+/// It is bound to the stream of the [`CudaTpo`] it was made with (its cuBLAS handle issues its
+/// GEMMs there): every later call must pass a `CudaTpo` on that same stream, or it is refused,
+/// since GEMMs and kernels on two unordered streams would race on the workspace.
 pub struct FusedLinear {
     blas: CudaBlas,
+    stream: Arc<CudaStream>,
     vocab: usize,
     dim: usize,
     workspace: CudaSlice<bf16>,
@@ -82,7 +88,20 @@ impl FusedLinear {
             ))
         })?;
         let (workspace, stage_h) = (tpo.zeros(elems)?, tpo.zeros(GEMM_TILE * dim)?);
-        Ok(Self { blas, vocab, dim, workspace, stage_h, schedule: None })
+        Ok(Self { blas, stream: tpo.stream.clone(), vocab, dim, workspace, stage_h, schedule: None })
+    }
+
+    /// Refuses a `CudaTpo` on another stream than the one this workspace was made for.
+    fn same_stream(&self, tpo: &CudaTpo) -> Result<()> {
+        if self.stream.cu_stream() == tpo.stream.cu_stream() {
+            Ok(())
+        } else {
+            Err(TpoError::Cuda(
+                "this FusedLinear was made with a CudaTpo on another stream: its cuBLAS handle issues \
+                 its GEMMs there; make the FusedLinear with the CudaTpo you call it with"
+                    .into(),
+            ))
+        }
     }
 
     /// Tokens per forward chunk for a batch of `tokens` (a multiple of [`GEMM_TILE`]); see
@@ -110,6 +129,7 @@ impl FusedLinear {
         groups: &DeviceLayout,
         opts: PathAlloc,
     ) -> Result<LinearOutputs> {
+        self.same_stream(tpo)?;
         let t = seqs.host.len();
         let path =
             tpo.alloc_logits_path::<bf16>(self.vocab, seqs, groups, PathAlloc { in_place: true, ..opts })?;
@@ -134,6 +154,7 @@ impl FusedLinear {
         cfg: &PathConfig,
         out: &mut LinearOutputs,
     ) -> Result<()> {
+        self.same_stream(tpo)?;
         let tok = &cfg.tokens;
         let (t, v, d) = (batch.seqs.host.len(), self.vocab, self.dim);
         let tokens_out = &out.path.tokens;

@@ -376,8 +376,14 @@ impl CudaTpo {
     }
 
     /// Copies a device buffer to the host (synchronises the stream).
+    ///
+    /// The copy is queued on the stream and then waited for explicitly: a device-to-host copy
+    /// into pageable memory happens to return only once done on today's drivers, but that is
+    /// not a documented guarantee, and the returned vector must hold the data.
     pub fn to_host<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(dev).map_err(|e| cuda_err("device-to-host copy", e))
+        let host = self.stream.clone_dtoh(dev).map_err(|e| cuda_err("device-to-host copy", e))?;
+        self.synchronize()?;
+        Ok(host)
     }
 
     /// Waits for all work queued on the stream.
