@@ -2,7 +2,9 @@
 //!
 //! [`tabular`] holds the two tabular bandit experiments (single context, sampled gradients;
 //! many contexts, exact population gradients) comparing TPO with PG, DG, GRPO and the CE
-//! oracle. They are deterministic for a given seed.
+//! oracle. They are deterministic for a given seed. [`cartpole`] is CartPole-v1 with
+//! Gymnasium's exact dynamics, for the neural control experiments.
 
+pub mod cartpole;
 pub mod rng;
 pub mod tabular;
