@@ -750,12 +750,23 @@ fn usage_errors_are_one_line() {
             "error: invalid value 'bandit' for '<EXPERIMENT>'; possible values: tabular",
         ),
         (vec!["evl"], "error: unrecognized subcommand 'evl'"),
+        (vec!["eval", "in.st", "--bogus"], "error: unexpected argument '--bogus' found"),
     ] {
         let (code, _, stderr) = tpo_in(&d, &args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(want), "{args:?}: expected '{want}' in {stderr}");
         assert!(stderr.contains("--help'"), "{stderr}");
+    }
+    // Arguments that are not UTF-8 in a usage error (std::env::args would panic on them).
+    for args in [vec![&b"\xff"[..]], vec![b"eval", b"in.st", b"--\xff"]] {
+        use std::os::unix::ffi::OsStrExt;
+        let args: Vec<&std::ffi::OsStr> = args.into_iter().map(std::ffi::OsStr::from_bytes).collect();
+        let out = Command::new(env!("CARGO_BIN_EXE_tpo")).current_dir(&d).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: ") && !stderr.contains("panicked"), "{stderr}");
     }
     // Help is still the full text.
     let (code, stdout, _) = tpo_in(&d, &["eval", "--help"]);

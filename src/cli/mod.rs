@@ -81,7 +81,9 @@ fn usage_error(e: &clap::Error) -> String {
     if !msg.starts_with("error:") {
         msg = format!("error: {msg}");
     }
-    let help = match std::env::args().nth(1).as_deref() {
+    // `args_os`: `args` panics on an argument that is not valid UTF-8.
+    let sub = std::env::args_os().nth(1);
+    let help = match sub.as_ref().and_then(|s| s.to_str()) {
         Some(sub @ ("eval" | "reproduce")) => format!("tpo {sub} --help"),
         _ => "tpo --help".to_string(),
     };

@@ -23,7 +23,9 @@
 //!   half-written file. A new file gets the usual permissions (`0666` less the umask: `0644`
 //!   under umask `022`); a replaced file keeps its permissions.
 //! - **Errors** are one line and name the user's path, never the temporary file, which is
-//!   removed on every error path.
+//!   removed on every error path. Only a process killed outright (`SIGKILL`, power loss) can
+//!   leave a temporary `.NAME.tpo-PID-N.tmp` file (or a `.tpo-scratch-PID-N.tmp` folder of
+//!   figures) behind; the destination is then untouched.
 
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{ErrorKind, Write};
