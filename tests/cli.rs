@@ -14,6 +14,24 @@ fn tpo(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs the binary in `dir` through `sh`, after the shell commands `pre` (a umask, a file-size
+/// limit).
+fn tpo_sh(dir: &Path, pre: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{pre}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_tpo"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tpo-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -266,6 +284,539 @@ fn reproduce_writes_json_and_figures() {
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     // Bad arguments are one-line errors.
     let (code, _, stderr) = tpo(&["reproduce", "tabular", "--seeds", "0"]);
-    assert_eq!(code, 1);
-    assert_eq!(stderr.trim(), "error: --seeds must be at least 1");
+    assert_eq!(code, 2);
+    assert_eq!(
+        stderr.trim(),
+        "error: invalid value '0' for '--seeds <SEEDS>': must be at least 1 (see 'tpo reproduce --help')"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data never lost: what `--out` may write (src/cli/output.rs).
+
+/// A fresh, empty folder holding a copy of the shipped example as `in.st`.
+fn workdir(name: &str) -> PathBuf {
+    let d = tmp(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/rollout.safetensors");
+    std::fs::copy(ex, d.join("in.st")).unwrap();
+    d
+}
+
+/// Runs the binary in `dir`.
+fn tpo_in(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    tpo_sh(dir, "true", args)
+}
+
+/// The error of a run that must have been refused: exit code 1, one line, no panic, naming
+/// `path`, and no temporary name in it.
+fn refused(run: (i32, String, String), path: &str, want: &str) -> String {
+    let (code, stdout, stderr) = run;
+    assert_eq!(code, 1, "expected a refusal naming {path}; stdout: {stdout}; stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: ") && !stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains(path), "expected '{path}' in: {stderr}");
+    assert!(stderr.contains(want), "expected '{want}' in: {stderr}");
+    assert!(!stderr.contains(".tmp") && !stderr.contains(".tpo-"), "names a temporary file: {stderr}");
+    stderr
+}
+
+/// No temporary file or scratch folder anywhere under `dir`.
+fn no_temp_files(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.contains(".tpo-") && !name.ends_with(".tmp"), "left behind: {:?}", e.path());
+        if e.file_type().unwrap().is_dir() {
+            no_temp_files(&e.path());
+        }
+    }
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn is_char_device(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_char_device())
+}
+
+fn is_fifo(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+fn is_symlink(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Makes a FIFO at `p` (false where `mkfifo` is missing).
+fn mkfifo(p: &Path) -> bool {
+    Command::new("mkfifo").arg(p).status().is_ok_and(|s| s.success())
+}
+
+/// Makes a character device like /dev/null (1, 3) at `p` (false without the privilege).
+fn mknod_null(p: &Path) -> bool {
+    Command::new("mknod")
+        .arg(p)
+        .args(["c", "1", "3"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn valid_output(p: &Path) -> bool {
+    std::fs::read(p).is_ok_and(|b| SafeTensors::deserialize(&b).is_ok_and(|s| s.tensor("grad").is_ok()))
+}
+
+#[test]
+fn eval_never_writes_over_its_input() {
+    let d = workdir("in-is-out");
+    let before = std::fs::read(d.join("in.st")).unwrap();
+    std::fs::hard_link(d.join("in.st"), d.join("hard.st")).unwrap();
+    std::os::unix::fs::symlink("in.st", d.join("soft.st")).unwrap();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let abs = d.join("in.st");
+    let abs = abs.to_str().unwrap();
+    for force in [false, true] {
+        for (input, out) in [
+            ("in.st", "in.st"),
+            ("in.st", "./in.st"),
+            ("./in.st", "in.st"),
+            ("in.st", abs),
+            ("in.st", "sub/../in.st"),
+            ("in.st", "hard.st"),
+            ("hard.st", "in.st"),
+            ("in.st", "soft.st"),
+            ("soft.st", "in.st"),
+        ] {
+            let mut args = vec!["eval", input, "--out", out];
+            if force {
+                args.push("--force");
+            }
+            refused(tpo_in(&d, &args), out, "is the input file");
+            assert_eq!(std::fs::read(d.join("in.st")).unwrap(), before, "{args:?} changed the input");
+        }
+    }
+    assert!(is_symlink(&d.join("soft.st")));
+    no_temp_files(&d);
+}
+
+#[test]
+fn eval_never_writes_to_a_device_fifo_or_directory() {
+    let d = workdir("devices");
+    // A FIFO and a private device node first, so that a build that replaces them fails here,
+    // before it gets to touch /dev/null.
+    let fifo = d.join("fifo");
+    let node = d.join("null");
+    let mut cases: Vec<(String, &str)> = Vec::new();
+    if mkfifo(&fifo) {
+        cases.push(("fifo".into(), "is a FIFO, not a regular file"));
+    }
+    if mknod_null(&node) {
+        cases.push(("null".into(), "is a character device, not a regular file"));
+    }
+    std::fs::create_dir(d.join("folder")).unwrap();
+    cases.push(("folder".into(), "is a directory"));
+    cases.push((d.join("folder").to_str().unwrap().to_string() + "/", "does not name a file"));
+    cases.push(("/dev/null".into(), "is a character device, not a regular file"));
+    cases.push(("/dev/full".into(), "is a character device, not a regular file"));
+    // A link to a device is refused like the device.
+    std::os::unix::fs::symlink("/dev/null", d.join("to-null")).unwrap();
+    cases.push(("to-null".into(), "is a character device, not a regular file"));
+    for (out, want) in &cases {
+        for force in [false, true] {
+            let mut args = vec!["eval", "in.st", "--out", out];
+            if force {
+                args.push("--force");
+            }
+            refused(tpo_in(&d, &args), out, want);
+        }
+    }
+    if fifo.exists() {
+        assert!(is_fifo(&fifo), "the FIFO was replaced");
+    }
+    if node.exists() {
+        assert!(is_char_device(&node), "the device node was replaced");
+    }
+    assert!(is_char_device(Path::new("/dev/null")), "/dev/null is no longer a device");
+    assert!(is_char_device(Path::new("/dev/full")), "/dev/full is no longer a device");
+    assert!(is_symlink(&d.join("to-null")));
+    assert_eq!(std::fs::read_dir(d.join("folder")).unwrap().count(), 0);
+    no_temp_files(&d);
+}
+
+#[test]
+fn eval_follows_links_to_files_and_refuses_dangling_ones() {
+    let d = workdir("links");
+    std::fs::create_dir(d.join("real")).unwrap();
+    std::fs::write(d.join("real/old.st"), b"old").unwrap();
+    std::os::unix::fs::symlink("real/old.st", d.join("link.st")).unwrap();
+    // An existing file behind a link needs --force, like any existing file.
+    refused(tpo_in(&d, &["eval", "in.st", "--out", "link.st"]), "link.st", "already exists (pass --force");
+    assert_eq!(std::fs::read(d.join("real/old.st")).unwrap(), b"old");
+    // With --force the file the link points to is replaced; the link stays a link.
+    let (code, stdout, stderr) = tpo_in(&d, &["eval", "in.st", "--out", "link.st", "--force"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("wrote link.st"), "{stdout}");
+    assert!(is_symlink(&d.join("link.st")), "the link was replaced by a file");
+    assert_eq!(std::fs::read_link(d.join("link.st")).unwrap(), Path::new("real/old.st"));
+    assert!(valid_output(&d.join("real/old.st")));
+    // A dangling link is refused: nothing is created behind it, and it stays a link.
+    std::os::unix::fs::symlink("real/missing.st", d.join("dangling.st")).unwrap();
+    for force in [false, true] {
+        let mut args = vec!["eval", "in.st", "--out", "dangling.st"];
+        if force {
+            args.push("--force");
+        }
+        refused(tpo_in(&d, &args), "dangling.st", "which does not exist; not writing through it");
+        assert!(is_symlink(&d.join("dangling.st")));
+        assert!(!d.join("real/missing.st").exists(), "a file was created through a dangling link");
+    }
+    no_temp_files(&d);
+}
+
+#[test]
+fn eval_overwrites_only_with_force_and_never_a_read_only_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = workdir("force");
+    let out = d.join("out.st");
+    std::fs::write(&out, b"precious").unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o640)).unwrap();
+    refused(
+        tpo_in(&d, &["eval", "in.st", "--out", "out.st"]),
+        "out.st",
+        "out.st already exists (pass --force",
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    let (code, _, stderr) = tpo_in(&d, &["eval", "in.st", "--out", "out.st", "--force"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(valid_output(&out));
+    assert_eq!(mode(&out), 0o640, "a replaced file keeps its permissions");
+    // Read-only: refused even with --force (and even for root, who could rename over it).
+    std::fs::write(&out, b"protected").unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o444)).unwrap();
+    for force in [false, true] {
+        let mut args = vec!["eval", "in.st", "--out", "out.st"];
+        if force {
+            args.push("--force");
+        }
+        let msg = refused(tpo_in(&d, &args), "out.st", "out.st");
+        if force {
+            assert!(msg.contains("is read-only; not overwriting it, even with --force"), "{msg}");
+        }
+        assert_eq!(std::fs::read(&out).unwrap(), b"protected");
+        assert_eq!(mode(&out), 0o444);
+    }
+    no_temp_files(&d);
+}
+
+#[test]
+fn eval_creates_missing_parent_folders() {
+    let d = workdir("parents");
+    // The README's own example writes into target/, which a fresh clone does not have.
+    let (code, stdout, stderr) = tpo_in(&d, &["eval", "in.st", "--out", "target/rollout.out.safetensors"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("wrote target/rollout.out.safetensors"), "{stdout}");
+    assert!(valid_output(&d.join("target/rollout.out.safetensors")));
+    let deep = d.join("a/b/c/out.st");
+    let (code, _, stderr) = tpo_in(&d, &["eval", "in.st", "--out", deep.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(valid_output(&deep));
+    // A parent that is a file is a one-line error naming the path.
+    refused(tpo_in(&d, &["eval", "in.st", "--out", "in.st/x.st"]), "in.st/x.st", "in.st/x.st");
+    no_temp_files(&d);
+}
+
+#[test]
+fn eval_output_gets_the_usual_umask_permissions() {
+    let d = workdir("umask");
+    for (umask, want) in [("022", 0o644), ("002", 0o664), ("077", 0o600)] {
+        let name = format!("out-{umask}.st");
+        let (code, _, stderr) = tpo_sh(&d, &format!("umask {umask}"), &["eval", "in.st", "--out", &name]);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(mode(&d.join(&name)), want, "umask {umask}");
+    }
+    no_temp_files(&d);
+}
+
+#[test]
+fn eval_write_errors_name_the_users_path_and_leave_nothing_behind() {
+    // A file-size limit of one block makes the write itself fail, after the temporary file was
+    // made (SIGXFSZ ignored, so the write returns EFBIG instead of killing the process).
+    let d = workdir("efbig");
+    let limit = "trap '' XFSZ; ulimit -f 1";
+    refused(tpo_sh(&d, limit, &["eval", "in.st", "--out", "new/out.st"]), "new/out.st", "File too large");
+    assert!(!d.join("new/out.st").exists());
+    std::fs::write(d.join("old.st"), b"keep me").unwrap();
+    refused(tpo_sh(&d, limit, &["eval", "in.st", "--out", "old.st", "--force"]), "old.st", "File too large");
+    assert_eq!(std::fs::read(d.join("old.st")).unwrap(), b"keep me");
+    no_temp_files(&d);
+}
+
+/// The files `tpo reproduce tabular` writes.
+const RESULTS: [&str; 6] = [
+    "tabular_single.json",
+    "tabular_single.png",
+    "tabular_single.svg",
+    "tabular_multi.json",
+    "tabular_multi.png",
+    "tabular_multi.svg",
+];
+
+/// A tiny `reproduce` run in `dir` (through `sh`, after `pre`).
+fn reproduce(dir: &Path, pre: &str, out: &str, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["reproduce", "tabular", "--seeds", "2", "--steps", "3", "--out", out];
+    args.extend(extra);
+    tpo_sh(dir, pre, &args)
+}
+
+#[test]
+fn reproduce_overwrites_only_with_force_and_never_a_read_only_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = workdir("repro-force");
+    // Missing parents are created; files get 0666 less the umask.
+    let (code, _, stderr) = reproduce(&d, "umask 022", "x/y/res", &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let res = d.join("x/y/res");
+    for f in RESULTS {
+        assert_eq!(mode(&res.join(f)), 0o644, "{f}");
+    }
+    no_temp_files(&d);
+    // Again without --force: refused before the run, naming the first existing file, nothing
+    // touched.
+    std::fs::write(res.join("tabular_multi.svg"), b"mine").unwrap();
+    let before: Vec<Vec<u8>> = RESULTS.iter().map(|f| std::fs::read(res.join(f)).unwrap()).collect();
+    refused(
+        reproduce(&d, "true", "x/y/res", &[]),
+        "x/y/res/tabular_single.json",
+        "already exists (pass --force to overwrite it)",
+    );
+    std::fs::remove_file(res.join("tabular_single.json")).unwrap();
+    refused(reproduce(&d, "true", "x/y/res", &[]), "x/y/res/tabular_single.png", "already exists");
+    assert!(!res.join("tabular_single.json").exists(), "a run started although it was refused");
+    std::fs::write(res.join("tabular_single.json"), &before[0]).unwrap();
+    // A read-only result: refused even with --force, before anything is written.
+    std::fs::set_permissions(res.join("tabular_multi.png"), std::fs::Permissions::from_mode(0o444)).unwrap();
+    refused(reproduce(&d, "true", "x/y/res", &["--force"]), "x/y/res/tabular_multi.png", "is read-only");
+    for (f, b) in RESULTS.iter().zip(&before) {
+        assert_eq!(&std::fs::read(res.join(f)).unwrap(), b, "{f} changed");
+    }
+    // With --force (and the file writable again) every result is replaced.
+    std::fs::set_permissions(res.join("tabular_multi.png"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, stderr) = reproduce(&d, "true", "x/y/res", &["--force"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(std::fs::read_to_string(res.join("tabular_multi.svg")).unwrap().contains("<svg"));
+    no_temp_files(&d);
+}
+
+#[test]
+fn reproduce_never_writes_to_a_device_fifo_directory_or_dangling_link() {
+    let d = workdir("repro-special");
+    let res = d.join("res");
+    std::fs::create_dir(&res).unwrap();
+    let mut cases: Vec<(&str, &str)> = Vec::new();
+    if !mknod_null(&res.join("tabular_single.json")) {
+        // Without the privilege to make a device node: a link to /dev/null is refused the same.
+        std::os::unix::fs::symlink("/dev/null", res.join("tabular_single.json")).unwrap();
+    }
+    cases.push(("tabular_single.json", "is a character device"));
+    std::fs::create_dir(res.join("tabular_single.png")).unwrap();
+    cases.push(("tabular_single.png", "is a directory"));
+    std::os::unix::fs::symlink("gone.svg", res.join("tabular_single.svg")).unwrap();
+    cases.push(("tabular_single.svg", "which does not exist"));
+    // The FIFO is held open for reading and writing, so that a build which writes into it
+    // (instead of refusing it) fails this test rather than blocking on it.
+    let _fifo = mkfifo(&res.join("tabular_multi.json")).then(|| {
+        cases.push(("tabular_multi.json", "is a FIFO"));
+        std::fs::OpenOptions::new().read(true).write(true).open(res.join("tabular_multi.json")).unwrap()
+    });
+    // Each case is refused in turn (the first refusal names it), with and without --force.
+    for (i, (name, want)) in cases.iter().enumerate() {
+        for force in [&[][..], &["--force"][..]] {
+            refused(reproduce(&d, "true", "res", force), &format!("res/{name}"), want);
+        }
+        // Out of the way, so that the next case is the first one met.
+        if i + 1 < cases.len() {
+            std::fs::rename(res.join(name), d.join(format!("moved-{name}"))).unwrap();
+        }
+    }
+    let moved = |n: &str| d.join(format!("moved-{n}"));
+    let single_json = moved("tabular_single.json");
+    assert!(is_char_device(&single_json) || is_symlink(&single_json));
+    assert!(moved("tabular_single.png").is_dir());
+    assert!(is_symlink(&moved("tabular_single.svg")) && !res.join("gone.svg").exists());
+    if cases.len() == 4 {
+        assert!(is_fifo(&res.join("tabular_multi.json")));
+    }
+    // --out that is a file, not a folder.
+    refused(reproduce(&d, "true", "in.st", &["--force"]), "in.st", "is not a folder");
+    no_temp_files(&d);
+}
+
+#[test]
+fn reproduce_follows_links_to_files() {
+    let d = workdir("repro-links");
+    std::fs::create_dir_all(d.join("res")).unwrap();
+    std::fs::write(d.join("kept.json"), b"old").unwrap();
+    std::os::unix::fs::symlink("../kept.json", d.join("res/tabular_multi.json")).unwrap();
+    refused(reproduce(&d, "true", "res", &[]), "res/tabular_multi.json", "already exists");
+    assert_eq!(std::fs::read(d.join("kept.json")).unwrap(), b"old");
+    let (code, _, stderr) = reproduce(&d, "true", "res", &["--force"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(is_symlink(&d.join("res/tabular_multi.json")), "the link was replaced by a file");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("kept.json")).unwrap()).unwrap();
+    assert_eq!(v["config"]["seeds"], 2);
+    no_temp_files(&d);
+}
+
+#[test]
+fn reproduce_write_errors_name_the_users_path_and_leave_nothing_behind() {
+    let d = workdir("repro-efbig");
+    refused(
+        reproduce(&d, "trap '' XFSZ; ulimit -f 1", "res", &[]),
+        "res/tabular_single.json",
+        "File too large",
+    );
+    assert_eq!(std::fs::read_dir(d.join("res")).unwrap().count(), 0, "a partial result was left");
+    no_temp_files(&d);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs a user types.
+
+#[test]
+fn negative_numbers_reach_the_library_checks() {
+    let d = workdir("negative");
+    for (args, want) in [
+        (vec!["--eta", "-1"], "error: eta must be finite and > 0, got -1"),
+        (vec!["--eta", "-1e-3"], "error: eta must be finite and > 0, got -0.001"),
+        (vec!["--eta", "-inf"], "error: eta must be finite and > 0, got -inf"),
+        (vec!["--zero-std-threshold", "-1"], "error: zero_std_threshold must be finite and >= 0, got -1"),
+    ] {
+        let mut a = vec!["eval", "in.st"];
+        a.extend(&args);
+        let (code, _, stderr) = tpo_in(&d, &a);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end(), want, "{args:?}");
+    }
+}
+
+#[test]
+fn counts_must_be_at_least_one() {
+    let d = workdir("counts");
+    for (flag, value, want) in [
+        ("--threads", "0", "error: invalid value '0' for '--threads <THREADS>': must be at least 1"),
+        ("--steps", "0", "error: invalid value '0' for '--steps <STEPS>': must be at least 1"),
+        (
+            "--seeds",
+            "-1",
+            "error: invalid value '-1' for '--seeds <SEEDS>': expected a whole number, at least 1",
+        ),
+        ("--threads", "two", "error: invalid value 'two' for '--threads <THREADS>': expected a whole number"),
+    ] {
+        // The other counts tiny, so that a build that accepts the value finishes fast.
+        let mut args = vec!["reproduce", "tabular", "--out", "res", flag, value];
+        for (f, v) in [("--seeds", "2"), ("--steps", "3")] {
+            if f != flag {
+                args.extend([f, v]);
+            }
+        }
+        let (code, _, stderr) = tpo_in(&d, &args);
+        assert_eq!(code, 2, "{flag} {value}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with(want), "{flag} {value}: {stderr}");
+        assert!(!d.join("res").exists(), "{flag} {value} ran");
+    }
+}
+
+#[test]
+fn usage_errors_are_one_line() {
+    let d = workdir("usage");
+    for (args, want) in [
+        (
+            vec!["eval", "in.st", "--eta", "x"],
+            "error: invalid value 'x' for '--eta <ETA>': expected a number",
+        ),
+        (vec!["eval", "in.st", "--eta"], "error: a value is required for '--eta <ETA>'"),
+        (vec!["eval"], "error: the following required arguments were not provided: <INPUT>"),
+        (vec!["eval", "in.st", "--forse"], "tip: a similar argument exists: '--force'"),
+        (vec!["eval", "in.st", "--backend", "gpu"], "possible values: cpu, cuda"),
+        (
+            vec!["reproduce", "bandit"],
+            "error: invalid value 'bandit' for '<EXPERIMENT>'; possible values: tabular",
+        ),
+        (vec!["evl"], "error: unrecognized subcommand 'evl'"),
+        (vec!["eval", "in.st", "--bogus"], "error: unexpected argument '--bogus' found"),
+    ] {
+        let (code, _, stderr) = tpo_in(&d, &args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: expected '{want}' in {stderr}");
+        assert!(stderr.contains("--help'"), "{stderr}");
+    }
+    // Arguments that are not UTF-8 in a usage error (std::env::args would panic on them).
+    for args in [vec![&b"\xff"[..]], vec![b"eval", b"in.st", b"--\xff"]] {
+        use std::os::unix::ffi::OsStrExt;
+        let args: Vec<&std::ffi::OsStr> = args.into_iter().map(std::ffi::OsStr::from_bytes).collect();
+        let out = Command::new(env!("CARGO_BIN_EXE_tpo")).current_dir(&d).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: ") && !stderr.contains("panicked"), "{stderr}");
+    }
+    // Help is still the full text.
+    let (code, stdout, _) = tpo_in(&d, &["eval", "--help"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("--force") && stdout.contains("--zero-std-threshold"), "{stdout}");
+}
+
+#[test]
+fn summary_names_unused_tensors() {
+    let d = workdir("summary");
+    let x4 = [0.0f32, -1.0, -2.0, -3.0];
+    write(
+        &d.join("extra.st"),
+        &[
+            ("logp", vec![2, 2], T::F32(&x4)),
+            ("scores", vec![2, 2], T::F32(&x4)),
+            ("ref_logp", vec![2, 2], T::F32(&x4)),
+            ("mask", vec![2, 2], T::I64(&[1, 1, 1, 0])),
+        ],
+    );
+    let (code, stdout, stderr) = tpo_in(&d, &["eval", "extra.st"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("2 tensors in the file not used: 'mask', 'ref_logp'"), "{stdout}");
+    let (_, stdout, _) = tpo_in(&d, &["eval", "in.st"]);
+    assert!(!stdout.contains("not used"), "{stdout}");
+}
+
+#[test]
+fn summary_calls_equal_group_sizes_uniform() {
+    let d = workdir("summary-uniform");
+    let x4 = [0.0f32, -1.0, -2.0, -3.0];
+    write(
+        &d.join("equal.st"),
+        &[
+            ("logp", vec![4], T::F32(&x4)),
+            ("scores", vec![4], T::F32(&x4)),
+            ("group_sizes", vec![2], T::I64(&[2, 2])),
+        ],
+    );
+    let (code, stdout, stderr) = tpo_in(&d, &["eval", "equal.st"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("2 groups (uniform, K = 2)"), "{stdout}");
+    write(
+        &d.join("ragged.st"),
+        &[
+            ("logp", vec![4], T::F32(&x4)),
+            ("scores", vec![4], T::F32(&x4)),
+            ("group_sizes", vec![2], T::I64(&[1, 3])),
+        ],
+    );
+    let (_, stdout, _) = tpo_in(&d, &["eval", "ragged.st"]);
+    assert!(stdout.contains("2 groups (ragged, K from 1 to 3)"), "{stdout}");
 }

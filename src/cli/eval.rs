@@ -1,6 +1,7 @@
 //! `tpo eval`: the reference answer for tensors dumped from a trainer.
 
-use super::tensors::{write_f64, FloatTensor, TensorFile};
+use super::output::{self, Policy};
+use super::tensors::{serialize_f64, FloatTensor, TensorFile};
 use clap::Args;
 use std::path::PathBuf;
 use tpo::{cpu, Anchor, FitConfig, GroupLayout, TargetConfig};
@@ -11,17 +12,23 @@ pub struct EvalArgs {
     /// an integer `group_sizes` [B]). Without `logp_old` the call is on-policy (l_old = l).
     pub input: PathBuf,
     /// Target temperature eta (> 0).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = super::number, allow_hyphen_values = true)]
     pub eta: f64,
-    /// Population std of a group's scores at or below which the group counts as zero-variance.
-    #[arg(long, default_value_t = 1e-6)]
+    /// Population std of a group's scores at or below which the group counts as zero-variance
+    /// (>= 0): its standardized scores u_i are all set to 0.
+    #[arg(long, default_value_t = 1e-6, value_parser = super::number, allow_hyphen_values = true)]
     pub zero_std_threshold: f64,
     /// The paper's no-anchor ablation: q = softmax(u / eta).
     #[arg(long)]
     pub no_anchor: bool,
-    /// Write `loss`, `group_loss`, `target` and `grad` (f64) to this safetensors file.
+    /// Write `loss`, `group_loss`, `target` and `grad` (f64) to this safetensors file (missing
+    /// folders are created). Never written over INPUT, a directory, a device or a dangling link;
+    /// an existing file only with --force; a link to a file writes that file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Overwrite the --out file if it exists (never INPUT, and never a read-only file).
+    #[arg(long)]
+    pub force: bool,
     /// `cuda` also runs the fused GPU kernel on the same inputs and reports its largest
     /// difference from the reference (needs a build with `--features cuda` and a GPU).
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
@@ -42,7 +49,12 @@ pub struct Inputs {
     pub logp_old: Option<FloatTensor>,
     pub scores: FloatTensor,
     pub layout: GroupLayout,
+    /// Tensors in the file that `tpo eval` does not read, sorted by name.
+    pub unused: Vec<String>,
 }
+
+/// The tensors `tpo eval` reads.
+const USED: [&str; 4] = ["logp", "scores", "logp_old", "group_sizes"];
 
 pub fn load(path: &std::path::Path) -> Result<Inputs, String> {
     let f = TensorFile::open(path)?;
@@ -86,7 +98,9 @@ pub fn load(path: &std::path::Path) -> Result<Inputs, String> {
         ([_], None) => return Err("'logp' is 1-D, so an integer tensor 'group_sizes' [B] is required".into()),
         (s, _) => return Err(format!("'logp' must be 2-D [B, K] or 1-D [N], got shape {s:?}")),
     };
-    Ok(Inputs { logp, logp_old, scores, layout })
+    let mut unused: Vec<String> = f.names().into_iter().filter(|n| !USED.contains(&n.as_str())).collect();
+    unused.sort();
+    Ok(Inputs { logp, logp_old, scores, layout, unused })
 }
 
 fn list(names: &[String]) -> String {
@@ -101,6 +115,11 @@ fn list(names: &[String]) -> String {
 
 pub fn run(a: EvalArgs) -> Result<(), String> {
     let inp = load(&a.input)?;
+    let policy = Policy::new(a.force, &[&a.input]);
+    if let Some(out) = &a.out {
+        // Refused before the work, not after it.
+        output::check(out, &policy)?;
+    }
     let tcfg = TargetConfig {
         eta: a.eta,
         zero_std_threshold: a.zero_std_threshold,
@@ -117,9 +136,13 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let b = inp.layout.num_groups();
-    let shape_kind = match inp.layout.uniform_size() {
-        Some(k) => format!("uniform, K = {k}"),
-        None => format!("ragged, K up to {}", inp.layout.max_group_size()),
+    // From the sizes, not the layout's kind: `group_sizes` that are all equal are uniform too.
+    let (k_min, k_max) =
+        inp.layout.ranges().map(|r| r.len()).fold((usize::MAX, 0), |(lo, hi), k| (lo.min(k), hi.max(k)));
+    let shape_kind = if k_min == k_max {
+        format!("uniform, K = {k_max}")
+    } else {
+        format!("ragged, K from {k_min} to {k_max}")
     };
     println!(
         "tpo eval: {b} groups ({shape_kind}), {} members, logp {:?}, eta = {}, {}, {}",
@@ -129,6 +152,14 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
         if a.no_anchor { "no anchor" } else { "anchored" },
         if inp.logp_old.is_some() { "logp_old given" } else { "on-policy (logp_old = logp)" },
     );
+    if !inp.unused.is_empty() {
+        let n = inp.unused.len();
+        println!(
+            "  {n} tensor{} in the file not used: {}",
+            if n == 1 { "" } else { "s" },
+            inp.unused.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", ")
+        );
+    }
     let st = res.fit.stats.as_ref().expect("diagnostics were requested");
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     println!("  loss (mean cross-entropy)  {:.9}", res.fit.loss);
@@ -144,15 +175,13 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
     }
     if let Some(out) = &a.out {
         let shape = inp.logp.shape.clone();
-        write_f64(
-            out,
-            &[
-                ("loss", vec![], &[res.fit.loss]),
-                ("group_loss", vec![b], &res.fit.group_loss),
-                ("target", shape.clone(), &res.target),
-                ("grad", shape, &res.fit.grad),
-            ],
-        )?;
+        let bytes = serialize_f64(&[
+            ("loss", vec![], &[res.fit.loss]),
+            ("group_loss", vec![b], &res.fit.group_loss),
+            ("target", shape.clone(), &res.target),
+            ("grad", shape, &res.fit.grad),
+        ])?;
+        output::write(out, &policy, &bytes)?;
         println!("  wrote {} (loss, group_loss, target, grad as f64)", out.display());
     }
     Ok(())

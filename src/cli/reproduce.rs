@@ -1,5 +1,6 @@
 //! `tpo reproduce tabular`: the paper's tabular bandit experiments with this library.
 
+use super::output::{self, Policy, Scratch};
 use super::plot::{self, Figure};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -29,20 +30,24 @@ pub enum Backend {
 pub struct ReproduceArgs {
     /// Which experiment to run.
     pub experiment: Experiment,
-    /// Seeds averaged per method.
-    #[arg(long, default_value_t = 100)]
+    /// Seeds averaged per method (>= 1).
+    #[arg(long, default_value_t = 100, value_parser = super::count, allow_hyphen_values = true)]
     pub seeds: usize,
-    /// Steps per run (default: the paper's, 150 single-context and 1000 multi-context).
-    #[arg(long)]
+    /// Steps per run, >= 1 (default: the paper's, 150 single-context and 1000 multi-context).
+    #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub steps: Option<usize>,
     /// Backend for TPO's target and fit.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
-    /// Output folder for the JSON results and the figures.
+    /// Output folder for the JSON results and the figures (created if missing). Existing result
+    /// files in it are refused before the run starts, unless --force.
     #[arg(long, default_value = "results")]
     pub out: PathBuf,
-    /// Worker threads (default: all cores). Results do not depend on it.
+    /// Overwrite existing result files in the --out folder (never a read-only file).
     #[arg(long)]
+    pub force: bool,
+    /// Worker threads, >= 1 (default: all cores). Results do not depend on it.
+    #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub threads: Option<usize>,
 }
 
@@ -67,16 +72,26 @@ fn cuda_backend() -> Result<Box<dyn TpoBackend>, String> {
 
 pub fn run(a: ReproduceArgs) -> Result<(), String> {
     let Experiment::Tabular = a.experiment;
+    // The parsers refuse 0; these guard callers that build the arguments by hand.
     if a.seeds == 0 {
         return Err("--seeds must be at least 1".into());
     }
-    if a.steps == Some(0) {
-        return Err("--steps must be at least 1".into());
+    if a.steps == Some(0) || a.threads == Some(0) {
+        return Err("--steps and --threads must be at least 1".into());
+    }
+    let policy = Policy::new(a.force, &[]);
+    // Every file is checked before the run, so a long run never ends in a refusal.
+    if a.out.exists() && !a.out.is_dir() {
+        return Err(format!("--out {} is not a folder", a.out.display()));
+    }
+    for name in FILES {
+        output::check(&a.out.join(name), &policy)?;
     }
     let be = backend(a.backend)?;
     let threads =
         a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-    std::fs::create_dir_all(&a.out).map_err(|e| format!("cannot create {}: {e}", a.out.display()))?;
+    std::fs::create_dir_all(&a.out)
+        .map_err(|e| format!("cannot create the folder {}: {}", a.out.display(), io_text(&e)))?;
 
     let single = SingleConfig { seeds: a.seeds, steps: a.steps.unwrap_or(150), ..SingleConfig::default() };
     let multi = MultiConfig { seeds: a.seeds, steps: a.steps.unwrap_or(1000), ..MultiConfig::default() };
@@ -89,8 +104,18 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         run_all(&SINGLE_METHODS, a.seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let single_steps: Vec<f64> = (0..single.steps).map(|t| t as f64).collect();
-    write_json(&a.out.join("tabular_single.json"), &single, &single_steps, &single_curves, "before")?;
-    plot::draw(
+    write_json(
+        &a.out.join("tabular_single.json"),
+        &policy,
+        &single,
+        &single_steps,
+        &single_curves,
+        "before",
+    )?;
+    draw(
+        &a.out,
+        "tabular_single",
+        &policy,
         &Figure {
             title: &format!(
                 "Single context (A = {}, B = {}, α = {}, {} seeds, TPO on {})",
@@ -106,7 +131,6 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
             error_label: "error 1 − π(y*)",
             misalignment_label: "1 − cos(g, g*_PG)",
         },
-        &a.out.join("tabular_single"),
     )?;
 
     let bar = progress(MULTI_METHODS.len() * a.seeds, "multi context");
@@ -115,8 +139,11 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         run_all(&MULTI_METHODS, a.seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let multi_steps: Vec<f64> = (1..=multi.steps).map(|t| t as f64).collect();
-    write_json(&a.out.join("tabular_multi.json"), &multi, &multi_steps, &multi_curves, "after")?;
-    plot::draw(
+    write_json(&a.out.join("tabular_multi.json"), &policy, &multi, &multi_steps, &multi_curves, "after")?;
+    draw(
+        &a.out,
+        "tabular_multi",
+        &policy,
         &Figure {
             title: &format!(
                 "Multi context (N = {}, A = {}, α = {}, {} seeds, exact updates, TPO on {})",
@@ -132,7 +159,6 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
             error_label: "mean error 1 − π(y)",
             misalignment_label: "1 − cos(g, g_CE)",
         },
-        &a.out.join("tabular_multi"),
     )?;
 
     println!("Single context: error 1 − π(y*) before the step (misalignment to g*_PG in brackets)");
@@ -149,6 +175,40 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         t0.elapsed().as_secs_f64(),
         a.out.display()
     );
+    Ok(())
+}
+
+/// The files a run writes into the --out folder.
+const FILES: [&str; 6] = [
+    "tabular_single.json",
+    "tabular_single.png",
+    "tabular_single.svg",
+    "tabular_multi.json",
+    "tabular_multi.png",
+    "tabular_multi.svg",
+];
+
+/// An I/O error as text, without the "(os error N)" suffix.
+fn io_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    s.split(" (os error").next().unwrap_or(&s).to_string()
+}
+
+/// Draws `out/stem.png` and `out/stem.svg`. The figure code writes to paths of its own, so it
+/// draws into a private scratch folder whose files then go through [`output::write`]; errors name
+/// the final paths.
+fn draw(out: &Path, stem: &str, policy: &Policy, fig: &Figure) -> Result<(), String> {
+    let scratch = Scratch::new_in(out).map_err(|e| {
+        format!("cannot write the figures {stem}.png and .svg in {}: {}", out.display(), io_text(&e))
+    })?;
+    let rename = |msg: String| msg.replace(&scratch.path().display().to_string(), &out.display().to_string());
+    plot::draw(fig, &scratch.path().join(stem)).map_err(rename)?;
+    for ext in ["png", "svg"] {
+        let name = format!("{stem}.{ext}");
+        let bytes = std::fs::read(scratch.path().join(&name))
+            .map_err(|e| format!("cannot write {}: {}", out.join(&name).display(), io_text(&e)))?;
+        output::write(&out.join(&name), policy, &bytes)?;
+    }
     Ok(())
 }
 
@@ -193,6 +253,7 @@ fn table(curves: &[MethodCurves], steps: &[f64], at: &[usize]) {
 
 fn write_json<C: serde::Serialize>(
     path: &Path,
+    policy: &Policy,
     cfg: &C,
     steps: &[f64],
     curves: &[MethodCurves],
@@ -217,5 +278,5 @@ fn write_json<C: serde::Serialize>(
     let steps: Vec<u64> = steps.iter().map(|&s| s as u64).collect();
     let doc = json!({ "config": config, "steps": steps, "methods": methods });
     let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    output::write(path, policy, text.as_bytes())
 }

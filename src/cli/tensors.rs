@@ -110,8 +110,8 @@ impl TensorFile {
     }
 }
 
-/// Writes f64 tensors (name, shape, data) to `path`.
-pub fn write_f64(path: &Path, tensors: &[(&str, Vec<usize>, &[f64])]) -> Result<(), String> {
+/// The bytes of a safetensors file holding f64 tensors (name, shape, data).
+pub fn serialize_f64(tensors: &[(&str, Vec<usize>, &[f64])]) -> Result<Vec<u8>, String> {
     let bytes: Vec<Vec<u8>> =
         tensors.iter().map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let mut views = Vec::with_capacity(tensors.len());
@@ -121,6 +121,6 @@ pub fn write_f64(path: &Path, tensors: &[(&str, Vec<usize>, &[f64])]) -> Result<
     }
     let meta: HashMap<String, String> =
         [("producer".to_string(), "tpo eval (f64 CPU reference)".to_string())].into();
-    safetensors::tensor::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| format!("cannot serialize the results: {e}"))
 }
