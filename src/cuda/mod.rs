@@ -336,6 +336,10 @@ impl CudaTpo {
                 "a group of {max} members exceeds the CUDA kernels' limit of {MAX_GROUP}"
             )));
         }
+        // The kernels index with i64: every offset, hence the total, must fit.
+        i64::try_from(layout.len()).map_err(|_| {
+            TpoError::SizeOverflow(format!("{} members (the kernels index with i64)", layout.len()))
+        })?;
         let offsets = match layout.uniform_size() {
             Some(_) => None,
             None => Some(self.to_device(&layout.offsets().iter().map(|&o| o as i64).collect::<Vec<_>>())?),
