@@ -273,7 +273,7 @@ fn relative_logits(lo: &[f64], s: &[f64], cfg: &TargetConfig, d: &mut Vec<f64>, 
 }
 
 /// `e` with `x` in `[2^(e-1), 2^e)`, for a finite `x > 0` (subnormals included).
-fn binary_exponent(x: f64) -> i32 {
+pub(crate) fn binary_exponent(x: f64) -> i32 {
     let bits = x.to_bits();
     let biased = ((bits >> 52) & 0x7ff) as i32;
     if biased != 0 {
@@ -286,7 +286,7 @@ fn binary_exponent(x: f64) -> i32 {
 }
 
 /// `x 2^k`, exact whenever the result is a normal number, for `k` in `[-2044, 2046]`.
-fn ldexp(x: f64, k: i32) -> f64 {
+pub(crate) fn ldexp(x: f64, k: i32) -> f64 {
     let pow2 = |j: i32| f64::from_bits(((j + 1023) as u64) << 52);
     let k1 = k / 2;
     x * pow2(k1) * pow2(k - k1)

@@ -90,12 +90,22 @@ struct Params {
     status: u64,
     num_groups: i64,
     k: i64,
+    /// `1 / eta = inv_eta 2^inv_eta_exp` (see [`inv_eta_parts`]).
     inv_eta: f32,
     zero_std_threshold: f32,
     grad_coef: f32,
     anchored: i32,
     loss_kl: i32,
-    pad: i32,
+    inv_eta_exp: i32,
+}
+
+/// `1 / eta` as `(m, e)` with `1 / eta = m 2^e` and `m` in `(1, 2]` (rounded to f32): from
+/// `eta = f 2^k`, `f` in `[1/2, 1)`, `m = 1 / f` and `e = -k`. Exact to f32 rounding of `m` for every
+/// finite `eta > 0`, where `(1 / eta) as f32` overflows below `eta ~ 2.9e-39` (and `1 / eta` itself
+/// overflows f64 for a subnormal `eta`) and loses digits above `eta ~ 8.5e37`.
+fn inv_eta_parts(eta: f64) -> (f32, i32) {
+    let k = crate::cpu::binary_exponent(eta);
+    ((1.0 / crate::cpu::ldexp(eta, -k)) as f32, -k)
 }
 
 // SAFETY: `Params` is `repr(C)`, `Copy`, holds only plain integers and floats (device addresses
@@ -426,12 +436,12 @@ impl CudaTpo {
             status: p_status,
             num_groups: l.num_groups() as i64,
             k: l.uniform_size().unwrap_or(0) as i64,
-            inv_eta: (1.0 / cfg.eta) as f32,
+            inv_eta: inv_eta_parts(cfg.eta).0,
             zero_std_threshold: cfg.zero_std_threshold as f32,
             grad_coef: 0.0,
             anchored: i32::from(cfg.anchor == Anchor::Anchored),
             loss_kl: 0,
-            pad: 0,
+            inv_eta_exp: inv_eta_parts(cfg.eta).1,
         };
         self.launch_group("target", T::SUFFIX, None, l, params)
     }
@@ -500,7 +510,8 @@ impl CudaTpo {
             scores: p_s,
             q_out: p_q,
             offsets: p_off,
-            inv_eta: (1.0 / tcfg.eta) as f32,
+            inv_eta: inv_eta_parts(tcfg.eta).0,
+            inv_eta_exp: inv_eta_parts(tcfg.eta).1,
             zero_std_threshold: tcfg.zero_std_threshold as f32,
             anchored: i32::from(tcfg.anchor == Anchor::Anchored),
             ..self.fit_params(l, fcfg, w, &mut out.fit)
@@ -565,7 +576,7 @@ impl CudaTpo {
             grad_coef: (cfg.grad_scale * w) as f32,
             anchored: 1,
             loss_kl: i32::from(cfg.form == LossForm::Kl),
-            pad: 0,
+            inv_eta_exp: 0,
         }
     }
 
