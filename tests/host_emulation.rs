@@ -307,9 +307,11 @@ fn extreme_eta_fixed_cases() {
         );
         let q0 = 1.0 / (1.0 + (-2f64).exp());
         let want = [q0, 0.0, 0.0, 1.0 - q0];
-        for i in 0..4 {
-            assert!((t.q[i] - want[i]).abs() <= 1e-6, "eta {eta:e}: q = {:?}", &t.q[..4]);
-        }
+        assert!(
+            t.q.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 1e-6),
+            "eta {eta:e}: q = {:?}",
+            &t.q[..4]
+        );
     }
 }
 
