@@ -260,7 +260,7 @@ fn extreme_eta_fixed_cases() {
         logp: vec![-1.5, -2.0, -2.5, -2.0, -1.0, -1.0, -1.0, -3.0],
         scores: vec![1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 0.5, 1.0],
     };
-    let etas = [1e-14, 1e-30, 1e-40, f64::from_bits(1), 1e-12, 1e-3, 1e6, 1e39, 1e300];
+    let etas = [1e-14, 1e-30, 1e-40, f64::from_bits(1), 1e-12, 1e-3, 0.3, 2.0, 1e6, 1e39, 1e300];
     let fc = FitConfig { diagnostics: true, form: LossForm::Kl, ..FitConfig::default() };
     for &eta in &etas {
         for anchor in [Anchor::Anchored, Anchor::NoAnchor] {
