@@ -761,4 +761,22 @@ mod tests {
             assert!(all.contains(&format!(".entry {n}(")), "{n} is not in the PTX");
         }
     }
+
+    /// `1 / eta = m 2^e` with `m` in `[1, 2]` (`(1, 2]` before the rounding to f32), for every finite
+    /// `eta > 0` (no GPU needed).
+    #[test]
+    fn inv_eta_parts_cover_every_finite_eta() {
+        let sub = f64::from_bits(1);
+        for eta in [sub, 1e-320, 1e-40, 2.9e-39, 1e-14, 0.3, 0.5, 1.0, 3.0, 1e6, 1e39, 1e300, f64::MAX] {
+            let (m, e) = inv_eta_parts(eta);
+            assert!((1.0..=2.0).contains(&m), "eta {eta:e}: m = {m}");
+            // log2(m 2^e) = -log2(eta), checked in logs since 1 / eta itself may overflow.
+            let got = f64::from(m).log2() + f64::from(e);
+            let want = -eta.log2();
+            assert!((got - want).abs() <= 2e-7, "eta {eta:e}: 2^{got} vs 2^{want}");
+        }
+        assert_eq!(inv_eta_parts(1.0), (2.0, -1));
+        assert_eq!(inv_eta_parts(0.25), (2.0, 1));
+        assert_eq!(std::mem::size_of::<Params>(), 120, "the kernels take the struct by value");
+    }
 }
