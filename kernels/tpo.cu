@@ -4,7 +4,7 @@
 //   u_i = (s_i - mean(s)) / std(s)  over the members with l_old_i > -inf (population std;
 //         u = 0 when std <= zero_std_threshold), computed on s / max|s| so no overflow;
 //   a_i = [anchored] l_old_i + u_i / eta   (-inf for excluded members);
-//   q_i = exp(a_i - logsumexp(a));
+//   q_i = exp(a_i - logsumexp(a)), computed from a_i - max(a) without forming a_i (see TargetState);
 //   log p_i = l_i - logsumexp(l);
 //   L = -sum q log p  (or KL(q||p) = sum q (log q - log p));
 //   dL/dl_i = coef * (sum(q) * p_i - q_i),  coef = grad_scale * reduction weight.
@@ -25,12 +25,12 @@ struct TpoParams {
     unsigned long long* status;
     long long num_groups;      // B: groups in the layout (row length of stats)
     long long k;
-    float inv_eta;
-    float zero_std_threshold;
-    float grad_coef;
+    float inv_eta;      // 1 / eta = inv_eta * 2^inv_eta_exp, inv_eta in (1, 2] (see inv_eta_parts
+    float zero_std_threshold;  //   in mod.rs): exact for every finite eta > 0, where a plain f32
+    float grad_coef;    //   1 / eta overflows below eta ~ 2.9e-39
     int anchored;
     int loss_kl;
-    int pad_;
+    int inv_eta_exp;
     // This launch's work list: the groups of one size class (see DeviceLayout in
     // src/cuda/mod.rs). Item i is group group_ids[i], or group i when group_ids is null.
     const long long* group_ids;
@@ -43,19 +43,32 @@ enum { MODE_TARGET = 0, MODE_FIT = 1, MODE_FUSED = 2 };
 #define TPO_TARGET_SUM_TOLERANCE 1e-2f
 
 // What a built target needs to give log q_i for a member: -inf for excluded members, else
-// a_i - max(a) - log sum exp(a - max(a)).
+// 2 (h_i - max h) - log sum exp(2 (h - max h)), with h_i = (a_i - c) / 2 for a per-group constant c.
+//
+// a_i itself is never formed: u_i / eta overflows f32 for a small eta, and l_old_i + u_i / eta loses
+// the anchor's digits long before (at eta = 1e-6 already, in f32). With d_i = s_i * scale - ref the
+// deviation of the (exactly) scaled score from the group's top score (0 for the top members, exact),
+// u_i - u_max = d_i / sd, so
+//   h_i = (l_old_i / 2 - L* / 2) + d_i / (2 sd eta),
+// L* the largest l_old among the top-scored members (the largest of all for a zero-variance group,
+// whose score term is 0, so q = p_old exactly). The score term is <= 0 and exactly 0 on the top
+// members, so max h >= 0 is finite; the halving keeps l_old_i - L* from overflowing. The factor
+// 1 / (sd eta) = cm 2^cexp is carried as a mantissa cm in [1/2, 1) and an integer exponent, and the term
+// is ldexpf((d 2^32) cm, cexp - 33): one rounding, no overflow of 1 / eta and no 0 * inf, for every
+// finite eta > 0 (a term below -2^128 becomes -inf: q_i = 0, its limit).
 struct TargetState {
-    float scale, ref, dmean, coef_u, lomax, amax, log_se;
-    bool anchored;
-    // a_i relative to max l_old (-inf for excluded members). s * scale - ref is exact, so u keeps
-    // its precision however close the scores are; coef_u = 0 for a zero-variance group.
-    __device__ __forceinline__ float a(float s, float x_old) const {
+    float scale, ref, cm, lstar, hmax, log_se;
+    int cexp;
+    bool anchored, zero;
+    __device__ __forceinline__ float h(float s, float x_old) const {
         if (!(x_old > neg_inf())) return neg_inf();
-        return (anchored ? x_old - lomax : 0.f) + ((s * scale - ref) - dmean) * coef_u;
+        const float d = s * scale - ref;
+        const float t = (zero || d == 0.f) ? 0.f : ldexpf((d * 4294967296.f) * cm, cexp - 33);
+        return anchored ? (0.5f * x_old - 0.5f * lstar) + t : t;
     }
     __device__ __forceinline__ float log_q(float s, float x_old) const {
-        const float v = a(s, x_old);
-        return v == neg_inf() ? v : (v - amax) - log_se;
+        const float v = h(s, x_old);
+        return v == neg_inf() ? v : 2.f * (v - hmax) - log_se;
     }
 };
 
@@ -80,8 +93,10 @@ __device__ __forceinline__ void tpo_group(const TpoParams& p, long long g, const
 
     // ---- target statistics ----
     // Everything is kept relative to the group's maxima, so log-probs of thousands in magnitude
-    // lose no precision: a_i = [anchored] (l_old_i - max l_old) + u_i / eta.
-    float scale = 0.f, ref = 0.f, dmean = 0.f, coef_u = 0.f, lomax = 0.f, amax = 0.f, log_se = 0.f, log_so = 0.f;
+    // and any eta lose no precision (see TargetState).
+    float scale = 0.f, ref = 0.f, cm = 0.f, lstar = 0.f, lomax = 0.f, hmax = 0.f, log_se = 0.f, log_so = 0.f;
+    int cexp = 0;
+    bool zero = true;
     if (do_target) {
         int cnt = 0, nbad = 0;
         float smax = 0.f, stop = neg_inf(), xmax = neg_inf();
@@ -122,10 +137,17 @@ __device__ __forceinline__ void tpo_group(const TpoParams& p, long long g, const
             frexpf(smax, &e);
             scale = smax > 0.f ? ldexpf(1.f, min(-e, 126)) : 0.f;
             ref = stop * scale;
-            float s1 = 0.f;
-            for (long long j = r; j < n; j += step)
-                if (to_f32(lo[start + j]) > neg_inf()) s1 += p.scores[start + j] * scale - ref;
-            dmean = grp.sum(s1) / (float)cnt;
+            float s1 = 0.f, ls = neg_inf();
+            for (long long j = r; j < n; j += step) {
+                const float x = to_f32(lo[start + j]);
+                if (x > neg_inf()) {
+                    const float d = p.scores[start + j] * scale - ref;
+                    s1 += d;
+                    if (d == 0.f) ls = fmaxf(ls, x);
+                }
+            }
+            const float dmean = grp.sum(s1) / (float)cnt;
+            lstar = grp.max(ls);
             float s2 = 0.f;
             for (long long j = r; j < n; j += step)
                 if (to_f32(lo[start + j]) > neg_inf()) {
@@ -133,17 +155,23 @@ __device__ __forceinline__ void tpo_group(const TpoParams& p, long long g, const
                     s2 += d * d;
                 }
             const float sd = sqrtf(grp.sum(s2) / (float)cnt);  // of the scaled scores
-            const bool zero = !(sd > 0.f) || sd / scale <= p.zero_std_threshold;
-            coef_u = zero ? 0.f : p.inv_eta / sd;
-            const TargetState t0{scale, ref, dmean, coef_u, lomax, 0.f, 0.f, p.anchored != 0};
-            float am = neg_inf();
-            for (long long j = r; j < n; j += step) am = fmaxf(am, t0.a(p.scores[start + j], to_f32(lo[start + j])));
-            amax = grp.max(am);
+            zero = !(sd > 0.f) || sd / scale <= p.zero_std_threshold;
+            if (zero) {
+                lstar = lomax;  // u = 0 for every member: a = l_old, q = p_old
+            } else {
+                int ec = 0;
+                cm = frexpf(p.inv_eta / sd, &ec);  // inv_eta in (1, 2], sd in (0, 1]: finite
+                cexp = p.inv_eta_exp + ec;
+            }
+            const TargetState t0{scale, ref, cm, lstar, 0.f, 0.f, cexp, p.anchored != 0, zero};
+            float hm = neg_inf();
+            for (long long j = r; j < n; j += step) hm = fmaxf(hm, t0.h(p.scores[start + j], to_f32(lo[start + j])));
+            hmax = grp.max(hm);
             float se = 0.f, so = 0.f;
             for (long long j = r; j < n; j += step) {
                 const float x = to_f32(lo[start + j]);
                 if (x > neg_inf()) {
-                    se += expf(t0.a(p.scores[start + j], x) - amax);
+                    se += expf(2.f * (t0.h(p.scores[start + j], x) - hmax));
                     so += expf(x - lomax);
                 }
             }
@@ -151,7 +179,7 @@ __device__ __forceinline__ void tpo_group(const TpoParams& p, long long g, const
             log_so = logf(grp.sum(so));
         }
     }
-    const TargetState ts{scale, ref, dmean, coef_u, lomax, amax, log_se, p.anchored != 0};
+    const TargetState ts{scale, ref, cm, lstar, hmax, log_se, cexp, p.anchored != 0, zero};
 
     if (!do_fit) {
         float ent = 0.f, klold = 0.f;

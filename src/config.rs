@@ -24,7 +24,10 @@ pub enum Anchor {
 /// group's score statistics, and its target is `q = 0` (in both anchor modes).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TargetConfig {
-    /// Temperature `eta > 0` of the reweighting `exp(u / eta)`. Default 1.
+    /// Temperature `eta > 0` of the reweighting `exp(u / eta)`. Default 1. Every finite
+    /// `eta > 0` is exact, subnormal ones included: as `eta -> 0` the target tends to `p_old`
+    /// restricted to the group's best-scored members, renormalised (uniform over them with
+    /// [`Anchor::NoAnchor`]); as `eta -> inf`, to `p_old`.
     pub eta: f64,
     /// Absolute threshold on the population standard deviation of a group's raw scores at
     /// or below which the group counts as zero-variance (`u = 0`). Default `1e-6`, as in the

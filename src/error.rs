@@ -81,6 +81,9 @@ pub enum TpoError {
     /// The CUDA backend could not be used (no driver, no GPU, a launch failure, ...).
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// Sizes whose sum or product does not fit in `usize` (nor, on the device, in `i64`).
+    #[error("{0}: too large, the size overflows")]
+    SizeOverflow(String),
     /// Reading or writing a tensor file failed.
     #[error("{0}")]
     Io(String),

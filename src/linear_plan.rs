@@ -67,7 +67,14 @@ impl GemmDesc {
     /// Elements each of `A`, `B` and `C` spans from its first element: a column-major `r x c`
     /// matrix with leading dimension `ld` spans `(c - 1) ld + r`.
     pub fn extents(&self) -> [usize; 3] {
-        let span = |rows: usize, cols: usize, ld: usize| (cols - 1) * ld + rows;
+        // Saturating, so that an absurd descriptor reads as out of range rather than wrapping.
+        let span = |rows: usize, cols: usize, ld: usize| {
+            if rows == 0 || cols == 0 {
+                0
+            } else {
+                (cols - 1).saturating_mul(ld).saturating_add(rows)
+            }
+        };
         let (ar, ac) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
         let (br, bc) = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
         [span(ar, ac, self.lda), span(br, bc, self.ldb), span(self.m, self.n, self.ldc)]
@@ -208,8 +215,11 @@ pub struct LinearPlan {
 impl LinearPlan {
     /// The workspace, in elements, for a budget of `budget_bytes` of bf16: whole forward tiles of
     /// `GEMM_TILE x vocab`, at least one.
+    /// Saturates at `usize::MAX` for a vocabulary so large that one tile overflows (which
+    /// [`new`](Self::new) then refuses).
     pub fn workspace_elems(vocab: usize, budget_bytes: usize) -> usize {
-        (budget_bytes / 2 / (GEMM_TILE * vocab)).max(1) * GEMM_TILE * vocab
+        let tile = GEMM_TILE.saturating_mul(vocab).max(1);
+        (budget_bytes / 2 / tile).max(1).saturating_mul(tile)
     }
 
     /// The plan for `tokens` rows with a workspace of `workspace` elements (from
@@ -223,7 +233,7 @@ impl LinearPlan {
         if tokens == 0 {
             return Err(TpoError::BadConfig { name: "tokens", requirement: "at least 1", got: 0.0 });
         }
-        if vocab == 0 || dim == 0 || workspace < GEMM_TILE * vocab {
+        if vocab == 0 || dim == 0 || GEMM_TILE.checked_mul(vocab).map_or(true, |tile| workspace < tile) {
             return Err(TpoError::BadConfig {
                 name: "fused linear workspace (elements)",
                 requirement: "at least GEMM_TILE x vocab, with vocab and dim >= 1",
@@ -269,6 +279,18 @@ impl LinearPlan {
         }
         if backward_cols == 0 || backward_cols > vocab {
             return bad("backward columns", "in 1..=vocab", backward_cols);
+        }
+        // Every offset and extent the steps compute is below one of these products.
+        for (what, a, b) in [
+            ("tokens x dim", tokens, dim),
+            ("vocab x dim", vocab, dim),
+            ("tokens x vocab", tokens, vocab),
+            ("forward rows x vocab", forward_rows, vocab),
+            ("GEMM_TILE x dim", GEMM_TILE, dim),
+        ] {
+            if a.checked_mul(b).is_none() {
+                return Err(TpoError::SizeOverflow(format!("{what} = {a} x {b}")));
+            }
         }
         Ok(Self { tokens, vocab, dim, forward_rows, backward_rows, backward_cols })
     }
@@ -334,10 +356,10 @@ impl LinearPlan {
     pub fn check_gemm(&self, g: &GemmCall, workspace: usize) -> Result<()> {
         for (op, extent) in [g.a, g.b, g.c].iter().zip(g.desc.extents()) {
             let len = self.buffer_len(op.buffer, workspace);
-            if op.offset + extent > len {
+            if op.offset.saturating_add(extent) > len {
                 return Err(TpoError::Cuda(format!(
                     "fused linear schedule: a GEMM would reach element {} of {:?} ({} elements)",
-                    op.offset + extent,
+                    op.offset.saturating_add(extent),
                     op.buffer,
                     len
                 )));

@@ -820,3 +820,78 @@ fn summary_calls_equal_group_sizes_uniform() {
     let (_, stdout, _) = tpo_in(&d, &["eval", "ragged.st"]);
     assert!(stdout.contains("2 groups (ragged, K from 1 to 3)"), "{stdout}");
 }
+
+#[test]
+fn small_eta_is_evaluated_not_blamed_on_the_input() {
+    // Issue 11: at eta = 1e-14 the reference built a target summing to 1.0019 (2 at 1e-20), and
+    // `tpo eval` then rejected its own target: "group 0 sums to ... pass the output of target()".
+    let inp = tmp("small_eta.safetensors");
+    let old = [-1.0f32, -2.0, -3.0, -3.0];
+    let logp = [-1.5f32, -2.0, -2.5, -2.0];
+    let s = [1.0f32, 0.0, 0.0, 1.0];
+    write(
+        &inp,
+        &[
+            ("logp", vec![1, 4], T::F32(&logp)),
+            ("logp_old", vec![1, 4], T::F32(&old)),
+            ("scores", vec![1, 4], T::F32(&s)),
+        ],
+    );
+    // The eta -> 0 limit: p_old on the best-scored members 0 and 3, e^-1 : e^-3.
+    let (q0, q3) = (1.0 / (1.0 + (-2f64).exp()), (-2f64).exp() / (1.0 + (-2f64).exp()));
+    for eta in ["1e-14", "1e-20"] {
+        let out = tmp(&format!("small_eta_{eta}.out.safetensors"));
+        let _ = std::fs::remove_file(&out);
+        let (code, stdout, stderr) =
+            tpo(&["eval", inp.to_str().unwrap(), "--eta", eta, "--out", out.to_str().unwrap()]);
+        assert_eq!(code, 0, "eta {eta}: {stderr}");
+        assert!(stdout.contains("loss (mean cross-entropy)"), "{stdout}");
+        let (_, q) = read_f64(&out, "target");
+        assert!(
+            (q[0] - q0).abs() <= 1e-15 && q[1] == 0.0 && q[2] == 0.0 && (q[3] - q3).abs() <= 1e-15,
+            "{q:?}"
+        );
+        // The loss is the cross-entropy of that target against softmax(logp).
+        let lse = logp.iter().map(|&x| f64::from(x).exp()).sum::<f64>().ln();
+        let ce = -(q0 * (f64::from(logp[0]) - lse) + q3 * (f64::from(logp[3]) - lse));
+        let (_, loss) = read_f64(&out, "loss");
+        assert!((loss[0] - ce).abs() <= 1e-14 * ce, "eta {eta}: loss {} vs {ce}", loss[0]);
+    }
+}
+
+#[test]
+fn group_sizes_near_2_pow_64_are_summed_without_wrapping() {
+    // Issue 11: [2^63 - 1, 2^63 - 1, 4] was reported as "add up to 2" (the sum wrapped).
+    let x4 = [0.0f32, -1.0, -2.0, -3.0];
+    let p = tmp("wrap.st");
+    write(
+        &p,
+        &[
+            ("logp", vec![4], T::F32(&x4)),
+            ("scores", vec![4], T::F32(&x4)),
+            ("group_sizes", vec![3], T::I64(&[i64::MAX, i64::MAX, 4])),
+        ],
+    );
+    let (code, _, stderr) = tpo(&["eval", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "error: group_sizes add up to 18446744073709551618, but 'logp' has 4 elements"
+    );
+    // A wrapped sum equal to the length is no way around it either: the layout refuses it.
+    let x2 = [0.0f32, -1.0];
+    write(
+        &p,
+        &[
+            ("logp", vec![2], T::F32(&x2)),
+            ("scores", vec![2], T::F32(&x2)),
+            ("group_sizes", vec![3], T::I64(&[i64::MAX, i64::MAX, 4])),
+        ],
+    );
+    let (code, _, stderr) = tpo(&["eval", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "error: group_sizes add up to 18446744073709551618, but 'logp' has 2 elements"
+    );
+}

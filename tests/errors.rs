@@ -116,3 +116,34 @@ fn invalid_targets() {
     assert!(msg(cpu::fit(&l, &[1.5f64, -0.5], &layout, &FitConfig::default())).contains("target[1] is -0.5"));
     assert!(msg(cpu::fit(&l, &[f64::NAN, 1.0], &layout, &FitConfig::default())).contains("target[0] is NaN"));
 }
+
+#[test]
+fn sizes_that_overflow_are_refused_not_wrapped() {
+    use tpo::linear_plan::{logits, Buffer, GemmCall, LinearPlan, Operand};
+    // Sizes near usize::MAX: every sum and product of sizes is checked (issue 11).
+    assert!(msg(GroupLayout::from_sizes(&[usize::MAX / 2 + 1, usize::MAX / 2 + 1, 4])).contains("overflow"));
+    let half = usize::MAX / 2 + 1;
+    assert_eq!(
+        msg(LinearPlan::with_blocks(half, 4, 8, 128, 1, 1)),
+        format!("tokens x dim = {half} x 8: too large, the size overflows")
+    );
+    assert_eq!(
+        msg(LinearPlan::with_blocks(2, half, 4, 128, 1, 1)),
+        format!("vocab x dim = {half} x 4: too large, the size overflows")
+    );
+    assert!(msg(LinearPlan::new(1, half, 1, usize::MAX)).contains("workspace"));
+    assert_eq!(LinearPlan::workspace_elems(half, 1 << 30), usize::MAX);
+    // A GEMM whose extent wraps around usize is out of range, not a small extent.
+    let plan = LinearPlan::with_blocks(4, 8, 2, 128, 4, 8).unwrap();
+    let huge = logits(8, 2, 2, usize::MAX);
+    assert_eq!(huge.extents()[2], usize::MAX);
+    let at = |buffer, offset| Operand { buffer, offset };
+    let call = GemmCall {
+        desc: huge,
+        a: at(Buffer::Weight, 0),
+        b: at(Buffer::Hidden, 0),
+        c: at(Buffer::Workspace, 1),
+        accumulate: false,
+    };
+    assert!(msg(plan.check_gemm(&call, 1 << 20)).contains("would reach element"));
+}

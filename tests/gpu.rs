@@ -20,7 +20,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use std::sync::OnceLock;
 use tpo::cuda::{CudaTpo, DeviceFloat, DeviceLayout};
-use tpo::{bf16, cpu, f16, FitConfig, GroupLayout, TargetConfig};
+use tpo::{bf16, cpu, f16, Anchor, FitConfig, GroupLayout, TargetConfig};
 
 /// Cases per property: `TPO_GPU_CASES` overrides (the sanitizer runs use few).
 fn cases(default: u32) -> u32 {
@@ -302,6 +302,32 @@ fn groups_of_one_and_mixed_sizes() {
         &FitConfig::default(),
     )
     .unwrap();
+}
+
+#[test]
+fn extreme_eta_agrees_with_the_reference() {
+    // Issue 11: at eta = 1e-14 the kernels lost the anchor among tied top-scored members; below
+    // eta ~ 2.9e-39 an f32 1 / eta overflowed (0 * inf = NaN). Warp and block paths, all storage types.
+    let issue = Batch {
+        sizes: vec![4, 3, 1],
+        logp_old: vec![-1.0, -2.0, -3.0, -3.0, -0.5, -7.0, -0.5, -2.0],
+        logp: vec![-1.5, -2.0, -2.5, -2.0, -1.0, -1.0, -1.0, -3.0],
+        scores: vec![1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 0.5, 1.0],
+    };
+    let fc = FitConfig { diagnostics: true, ..FitConfig::default() };
+    for eta in [1e-14, 1e-30, 1e-40, f64::from_bits(1), 1e-12, 1e6, 1e39, 1e300] {
+        for anchor in [Anchor::Anchored, Anchor::NoAnchor] {
+            let tc = TargetConfig { eta, anchor, ..TargetConfig::default() };
+            let ctx = |e: TestCaseError| format!("eta {eta:e} {anchor:?}: {e}");
+            check_fused::<f32, f32>(&issue, true, &tc, &fc).map_err(ctx).unwrap();
+            check_fused::<bf16, bf16>(&issue, true, &tc, &fc).map_err(ctx).unwrap();
+            check_fused::<f16, f16>(&issue, false, &tc, &fc).map_err(ctx).unwrap();
+            check_fused::<f32, f32>(&random_batch(vec![5, 1, 300, 40], 7), true, &tc, &fc)
+                .map_err(ctx)
+                .unwrap();
+            check_split::<f32, f32>(&issue, &tc, &fc).map_err(ctx).unwrap();
+        }
+    }
 }
 
 #[test]

@@ -59,7 +59,7 @@ fn run(
         u8::from(logp_old.is_none()),
         u8::from(tc.anchor == Anchor::Anchored),
         u8::from(kl),
-        1.0 / tc.eta,
+        tc.eta,
         tc.zero_std_threshold,
         coef,
         fmt_nums(&offs)
@@ -142,6 +142,12 @@ fn check_fused(
     let storage = storage_rtol(["f32", "bf16", "f16"][g as usize]);
     let coef = (fc.grad_scale * w).abs();
     let lscale = 1.0 + want.fit.group_loss.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    // The bounds are absolute + relative (`within`): |kernel - reference| <= 1e-5 (|reference| +
+    // floor). At an extreme eta the target is nearly one-hot: members below the top score get
+    // q ~ e^(-gap / eta), which the kernel and the reference both flush to 0 or compute from the
+    // same shifted exponent with f32's relative error (the score term d / (sd eta) carries ~3 ulp,
+    // the anchor l_old - L* ~1 ulp of the group's log-prob range), so no tolerance needs to grow
+    // with 1 / eta; at a huge eta q -> p_old and the score term vanishes in both.
     compare("target", &got.q, &want.target, 1.0, 0.0)?;
     compare("grad", &got.grad, &want.fit.grad, coef, storage)?;
     compare("group_loss", &got.group_loss, &want.fit.group_loss, lscale, 0.0)?;
@@ -240,6 +246,73 @@ fn large_group() {
         &FitConfig { diagnostics: true, ..FitConfig::default() },
     )
     .unwrap();
+}
+
+#[test]
+fn extreme_eta_fixed_cases() {
+    // Issue 11's group (two top-scored members with different l_old: at a small eta the target is
+    // p_old on them, e^-1 : e^-3) beside ragged random groups, at etas where the old kernels lost
+    // the anchor (1e-14), where 1 / eta overflows f32 (1e-40, subnormal in f32) or f64 (5e-324),
+    // and where it underflows f32 (1e39 and above).
+    let issue = Batch {
+        sizes: vec![4, 3, 1],
+        logp_old: vec![-1.0, -2.0, -3.0, -3.0, -0.5, -7.0, -0.5, -2.0],
+        logp: vec![-1.5, -2.0, -2.5, -2.0, -1.0, -1.0, -1.0, -3.0],
+        scores: vec![1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 0.5, 1.0],
+    };
+    let etas = [1e-14, 1e-30, 1e-40, f64::from_bits(1), 1e-12, 1e-3, 0.3, 2.0, 1e6, 1e39, 1e300];
+    let fc = FitConfig { diagnostics: true, form: LossForm::Kl, ..FitConfig::default() };
+    for &eta in &etas {
+        for anchor in [Anchor::Anchored, Anchor::NoAnchor] {
+            let tc = TargetConfig { eta, anchor, ..TargetConfig::default() };
+            for (t, g) in [(0u8, 0u8), (1, 0), (1, 1), (2, 2)] {
+                check_fused(&issue, t, g, true, &tc, &fc)
+                    .unwrap_or_else(|e| panic!("eta {eta:e} {anchor:?} {t}/{g}: {e}"));
+            }
+            for seed in 0..3 {
+                let mut b = seeded_batch(vec![7, 1, 30, 12], seed, 30.0, 0.4);
+                // Continuous scores too, and some excluded members.
+                for (i, s) in b.scores.iter_mut().enumerate() {
+                    if i % 3 == 1 {
+                        *s += 0.25 * (i % 5) as f64;
+                    }
+                }
+                for i in [3usize, 20, 21] {
+                    b.logp_old[i] = f64::NEG_INFINITY;
+                    b.logp[i] = f64::NEG_INFINITY;
+                }
+                for with_old in [true, false] {
+                    check_fused(&b, 0, 0, with_old, &tc, &fc)
+                        .unwrap_or_else(|e| panic!("eta {eta:e} {anchor:?} seed {seed}: {e}"));
+                }
+            }
+        }
+    }
+    // The kernel's target on issue 11's group is the limit, not [1, 0, 0, 1].
+    let layout = issue.layout();
+    let lo = round::<f32>(&issue.logp_old);
+    for eta in [1e-14, 1e-40] {
+        let t = run(
+            Mode::Target,
+            0,
+            0,
+            &layout,
+            &[],
+            Some(&lo),
+            &issue.scores,
+            &[],
+            &TargetConfig::with_eta(eta),
+            0.0,
+            false,
+        );
+        let q0 = 1.0 / (1.0 + (-2f64).exp());
+        let want = [q0, 0.0, 0.0, 1.0 - q0];
+        assert!(
+            t.q.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 1e-6),
+            "eta {eta:e}: q = {:?}",
+            &t.q[..4]
+        );
+    }
 }
 
 #[test]

@@ -34,11 +34,13 @@ fn z(s: &[f64], l_old: &[f64]) -> Vec<f64> {
 fn closed_form_two_members() {
     // l_old equal, s = [1, 0]: u = [1, -1], q = softmax([1/eta, -1/eta]).
     let layout = GroupLayout::uniform(1, 2).unwrap();
-    for eta in [0.5, 1.0, 3.0] {
+    for eta in [1e-12, 1e-3, 0.05, 0.5, 1.0, 3.0, 1e3, 1e6] {
         let q = cpu::target(&[0.0f64, 0.0], &[1.0f64, 0.0], &layout, &cfg(eta)).unwrap();
         let q0 = 1.0 / (1.0 + (-2.0 / eta).exp());
         assert_relative_eq!(q[0], q0, max_relative = 1e-15);
-        assert_relative_eq!(q[1], 1.0 - q0, max_relative = 1e-14);
+        // q1 = e^(-2/eta) / (1 + e^(-2/eta)), to full relative precision even when tiny.
+        let q1 = (-2.0 / eta).exp() / (1.0 + (-2.0 / eta).exp());
+        assert_relative_eq!(q[1], q1, max_relative = 1e-12);
         // Fit with l = [0, ln 3]: p = [1/4, 3/4], L = -q0 ln(1/4) - (1-q0) ln(3/4), grad = p - q.
         let out = cpu::fit(&[0.0f64, 3f64.ln()], &q, &layout, &FitConfig::default()).unwrap();
         let l = -q0 * 0.25f64.ln() - (1.0 - q0) * 0.75f64.ln();
@@ -55,6 +57,85 @@ fn closed_form_two_members() {
     let na = TargetConfig { anchor: Anchor::NoAnchor, ..cfg(1.0) };
     let q = cpu::target(&[0.8f64.ln(), 0.2f64.ln()], &[1.0f64, 0.0], &layout, &na).unwrap();
     assert_relative_eq!(q[0], 1.0 / (1.0 + (-2f64).exp()), max_relative = 1e-15);
+}
+
+/// The limit of the target as `eta -> 0`, computed independently of the reference's shifting:
+/// `p_old` restricted to the members of the largest score (`u = u_max`), renormalised; `p_old`
+/// itself for a zero-variance group (`u = 0`, so `q = p_old` at every `eta`).
+fn eta_to_zero_limit(lo: &[f64], s: &[f64], no_anchor: bool) -> Vec<f64> {
+    let u = z(s, lo);
+    let inc = |i: usize| lo[i] != f64::NEG_INFINITY;
+    let umax = (0..lo.len()).filter(|&i| inc(i)).map(|i| u[i]).fold(f64::NEG_INFINITY, f64::max);
+    let top: Vec<bool> = (0..lo.len()).map(|i| inc(i) && u[i] == umax).collect();
+    let w: Vec<f64> = (0..lo.len())
+        .map(|i| match (top[i], no_anchor) {
+            (false, _) => f64::NEG_INFINITY,
+            (true, false) => lo[i],
+            (true, true) => 0.0,
+        })
+        .collect();
+    softmax(&w)
+}
+
+#[test]
+fn small_eta_gives_the_limit_not_a_wrong_target() {
+    // Issue 11: eta = 1e-14 gave q = [0.8825, 0, 0, 0.1194] (sum 1.0019) and eta <= 1e-16 gave
+    // [1, 0, 0, 1] (sum 2): l_old + u / eta lost the anchor's digits, then u / eta swamped it.
+    let layout = GroupLayout::uniform(1, 4).unwrap();
+    let (lo, s) = ([-1.0f64, -2.0, -3.0, -3.0], [1.0f64, 0.0, 0.0, 1.0]);
+    // u = [1, -1, -1, 1]: the limit is p_old on members 0 and 3, e^-1 : e^-3.
+    let (q0, q3) = (1.0 / (1.0 + (-2f64).exp()), (-2f64).exp() / (1.0 + (-2f64).exp()));
+    let limit = [q0, 0.0, 0.0, q3];
+    // The gap u_max - u = 2 makes members 1 and 2 weigh e^(-2 / eta): below 1e-16 from eta ~ 0.05.
+    let subnormal = f64::from_bits(1);
+    for eta in [1e-2, 1e-6, 1e-10, 1e-14, 1e-16, 1e-20, 1e-100, 1e-300, 1e-310, subnormal] {
+        for fused in [false, true] {
+            let q = if fused {
+                let fc = FitConfig { diagnostics: true, ..FitConfig::default() };
+                let out = cpu::target_and_fit(&lo, None, &s, &layout, &cfg(eta), &fc).unwrap();
+                // On-policy: the gradient is p_old - q, the loss H(q) + KL(q || p_old).
+                let p_old = softmax(&lo);
+                let st = out.fit.stats.as_ref().unwrap();
+                let kl_old = q0 * (q0 / p_old[0]).ln() + q3 * (q3 / p_old[3]).ln();
+                let h = -q0 * q0.ln() - q3 * q3.ln();
+                assert_relative_eq!(st.kl_q_pold.as_ref().unwrap()[0], kl_old, max_relative = 1e-14);
+                assert_relative_eq!(st.entropy_q[0], h, max_relative = 1e-14);
+                assert_relative_eq!(out.fit.loss, h + kl_old, max_relative = 1e-14);
+                for i in 0..4 {
+                    assert_relative_eq!(
+                        out.fit.grad[i],
+                        p_old[i] - limit[i],
+                        epsilon = 1e-16,
+                        max_relative = 1e-14
+                    );
+                }
+                out.target
+            } else {
+                cpu::target(&lo, &s, &layout, &cfg(eta)).unwrap()
+            };
+            let c = close(&q, &limit, 1e-16, 1e-15);
+            assert!(c.is_ok(), "eta {eta:e}: {c:?}");
+            assert!((q.iter().sum::<f64>() - 1.0).abs() <= 4.0 * f64::EPSILON, "eta {eta:e}: q = {q:?}");
+        }
+    }
+    // No anchor: uniform over the best members. Excluded members stay at 0.
+    let na = TargetConfig { anchor: Anchor::NoAnchor, ..cfg(1e-300) };
+    assert_eq!(cpu::target(&lo, &s, &layout, &na).unwrap(), vec![0.5, 0.0, 0.0, 0.5]);
+    let ex = [-1.0, -2.0, -3.0, f64::NEG_INFINITY];
+    let q = cpu::target(&ex, &s, &layout, &cfg(1e-40)).unwrap();
+    assert_eq!(q, vec![1.0, 0.0, 0.0, 0.0]);
+    // A large eta leaves p_old: u / eta = 1e-300 is far below an ulp of log p_old.
+    let q = cpu::target(&lo, &s, &layout, &cfg(1e300)).unwrap();
+    assert!(close(&q, &softmax(&lo), 0.0, 1e-15).is_ok(), "{q:?}");
+    // Huge log-probs of opposite signs do not overflow the shift (l_old_i - L* is 2e308).
+    let q =
+        cpu::target(&[-1e308f64, 1e308], &[1.0f64, 0.0], &GroupLayout::uniform(1, 2).unwrap(), &cfg(1e-300))
+            .unwrap();
+    assert_eq!(q, vec![0.0, 1.0]);
+    let q =
+        cpu::target(&[-1e308f64, 1e308], &[1.0f64, 0.0], &GroupLayout::uniform(1, 2).unwrap(), &cfg(1e-310))
+            .unwrap();
+    assert_eq!(q, vec![1.0, 0.0]);
 }
 
 #[test]
@@ -161,15 +242,17 @@ proptest! {
             let u = z(&b.scores[r.clone()], &lo);
             let qg = &q[r.clone()];
             let best = objective(qg, &u, &lo, eta);
+            // The objective sums terms of size up to ~eta |r log(r / p_old)|: its rounding grows with eta.
+            let tol = 1e-12 * (1.0 + eta);
             // A random point of the simplex.
             let k = qg.len();
             let tot: f64 = weights[..k].iter().sum::<f64>() + 1e-12;
             let rnd: Vec<f64> = weights[..k].iter().map(|w| (w + 1e-12 / k as f64) / tot).collect();
-            prop_assert!(objective(&rnd, &u, &lo, eta) <= best + 1e-12);
+            prop_assert!(objective(&rnd, &u, &lo, eta) <= best + tol);
             // Small perturbations toward each vertex stay below.
             for j in 0..k {
                 let pert: Vec<f64> = (0..k).map(|i| (1.0 - t) * qg[i] + if i == j { t } else { 0.0 }).collect();
-                prop_assert!(objective(&pert, &u, &lo, eta) <= best + 1e-12, "vertex {}", j);
+                prop_assert!(objective(&pert, &u, &lo, eta) <= best + tol, "vertex {}", j);
             }
         }
     }
@@ -202,18 +285,25 @@ proptest! {
 
     #[test]
     fn reweighting_is_ordered_like_the_scores(b in small_batch(), eta in eta()) {
+        // log(q_i / p_old_i) = u_i / eta - const is ordered like the scores, and equal for equal
+        // scores. At a small eta many q_i underflow: a ratio is only read where q_i is a normal
+        // number (a subnormal q has too few digits); where q_j underflowed, its ratio is only known
+        // to lie below log(MIN_POSITIVE) - log p_old_j.
         let layout = b.layout();
         let q = cpu::target(&b.logp_old, &b.scores, &layout, &cfg(eta)).unwrap();
         for r in layout.ranges() {
             let lo = log_softmax(&b.logp_old[r.clone()]);
-            let ratio: Vec<f64> = q[r.clone()].iter().zip(&lo).map(|(q, l)| q.ln() - l).collect();
+            let ratio: Vec<Option<f64>> =
+                q[r.clone()].iter().zip(&lo).map(|(&q, l)| (q >= f64::MIN_POSITIVE).then(|| q.ln() - l)).collect();
             let s = &b.scores[r];
             for i in 0..s.len() {
                 for j in 0..s.len() {
-                    if s[i] < s[j] {
-                        prop_assert!(ratio[i] <= ratio[j] + 1e-9, "s {} < {} but log ratio {} > {}", s[i], s[j], ratio[i], ratio[j]);
-                    } else if s[i] == s[j] {
-                        prop_assert!((ratio[i] - ratio[j]).abs() <= 1e-9);
+                    let bound_j = ratio[j].unwrap_or(f64::MIN_POSITIVE.ln() - lo[j]);
+                    if let (true, Some(ri)) = (s[i] <= s[j], ratio[i]) {
+                        prop_assert!(ri <= bound_j + 1e-9, "s {} <= {} but log ratio {} > {}", s[i], s[j], ri, bound_j);
+                    }
+                    if let (true, Some(ri), Some(rj)) = (s[i] == s[j], ratio[i], ratio[j]) {
+                        prop_assert!((ri - rj).abs() <= 1e-9, "equal scores, log ratios {} and {}", ri, rj);
                     }
                 }
             }
@@ -313,7 +403,7 @@ proptest! {
     fn extreme_finite_inputs_give_finite_outputs(
         b in batch(1..=4, 1..=64, -9000.0, 9000.0),
         big in prop::sample::select(vec![1e-300, 1e-30, 1.0, 1e30, 1e300, f64::MAX / 16.0]),
-        eta in prop::sample::select(vec![1e-3, 1.0, 1e3, 1e6]),
+        eta in prop::sample::select(vec![f64::from_bits(1), 1e-300, 1e-40, 1e-14, 1e-3, 1.0, 1e3, 1e6, 1e300]),
     ) {
         let layout = b.layout();
         let s: Vec<f64> = b.scores.iter().map(|x| x * big).collect();
@@ -328,6 +418,54 @@ proptest! {
         for r in layout.ranges() {
             let qs: f64 = out.target[r].iter().sum();
             prop_assert!((qs - 1.0).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn tiny_eta_reaches_the_limit_monotonically(
+        b in batch(1..=5, 1..=12, -30.0, 5.0),
+        pick in prop::collection::vec(any::<bool>(), 60),
+        no_anchor in any::<bool>(),
+        exps in prop::collection::vec(-12.0..6.0f64, 4),
+    ) {
+        // Against the independently computed eta -> 0 limit (p_old on the best-scored members):
+        // the mass q puts on those members never decreases as eta decreases, their ratios are
+        // those of p_old at every eta, and below every gap of u (the scores are at least ~1e-9
+        // apart, so u gaps exceed ~1e-10; any eta <= 1e-20 makes e^(-gap / eta) underflow) q is
+        // the limit to rounding, down to subnormal eta, where 1 / eta overflows.
+        let layout = b.layout();
+        let mut lo = b.logp_old.clone();
+        for r in layout.ranges() {
+            for i in r.start + 1..r.end {
+                if pick[i % pick.len()] { lo[i] = f64::NEG_INFINITY; }
+            }
+        }
+        let tc = |eta: f64| TargetConfig { anchor: if no_anchor { Anchor::NoAnchor } else { Anchor::Anchored }, ..cfg(eta) };
+        let mut etas: Vec<f64> = exps.iter().map(|x| 10f64.powf(*x)).collect();
+        etas.sort_by(|a, c| c.partial_cmp(a).unwrap());
+        etas.extend([1e-20, 1e-100, 1e-300, f64::from_bits(1)]);
+        let qs: Vec<Vec<f64>> = etas.iter().map(|&e| cpu::target(&lo, &b.scores, &layout, &tc(e)).unwrap()).collect();
+        for r in layout.ranges() {
+            let limit = eta_to_zero_limit(&lo[r.clone()], &b.scores[r.clone()], no_anchor);
+            let top: Vec<usize> = r.clone().filter(|&i| limit[i - r.start] > 0.0).collect();
+            let mut mass_before = 0.0;
+            for (k, q) in qs.iter().enumerate() {
+                let mass: f64 = top.iter().map(|&i| q[i]).sum();
+                prop_assert!(mass >= mass_before - 1e-15, "eta {:e}: mass on the best {} < {} at a larger eta", etas[k], mass, mass_before);
+                mass_before = mass;
+                // Within the best members q is proportional to p_old (to 1 when no anchor).
+                for w in top.windows(2) {
+                    let (i, j) = (w[0], w[1]);
+                    if q[i] >= f64::MIN_POSITIVE && q[j] >= f64::MIN_POSITIVE {
+                        let want = if no_anchor { 0.0 } else { lo[i] - lo[j] };
+                        prop_assert!(((q[i] / q[j]).ln() - want).abs() <= 1e-12 * (1.0 + want.abs()));
+                    }
+                }
+                if etas[k] <= 1e-20 {
+                    let c = close(&q[r.clone()], &limit, 1e-16, 1e-14);
+                    prop_assert!(c.is_ok(), "eta {:e}: {:?}", etas[k], c);
+                }
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::central_differences;
+use common::{central_differences, eta};
 use proptest::prelude::*;
 use tpo::cpu::tokens::*;
 use tpo::{FitConfig, GroupLayout, LossForm, Reduction, TargetConfig};
@@ -159,7 +159,7 @@ proptest! {
         p in packed(),
         cfg in tok_cfg(),
         src in 0u8..3,
-        eta in 0.3..3.0f64,
+        eta in eta(),
         form in prop_oneof![Just(LossForm::CrossEntropy), Just(LossForm::Kl)],
     ) {
         let (seqs, groups) = (p.seqs(), p.groups());

@@ -89,8 +89,10 @@ pub fn load(path: &std::path::Path) -> Result<Inputs, String> {
                 return Err(format!("'group_sizes' must be 1-D [B], got shape {:?}", sz.shape));
             }
             let s = sz.data;
-            let total: usize = s.iter().sum();
-            if total != *n {
+            // Summed in u128 (exact for any count of usize sizes that fits in memory), so sizes near
+            // 2^64 cannot wrap around to a small total that happens to match.
+            let total: u128 = s.iter().map(|&x| x as u128).sum();
+            if total != *n as u128 {
                 return Err(format!("group_sizes add up to {total}, but 'logp' has {n} elements"));
             }
             GroupLayout::from_sizes(&s).map_err(|e| format!("group_sizes: {e}"))?

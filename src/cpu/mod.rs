@@ -88,7 +88,7 @@ fn target_named<L: Scalar, S: Scalar>(
     layout.check_len(name, logp_old.len())?;
     layout.check_len("scores", scores.len())?;
     let mut q = vec![0.0; layout.len()];
-    let mut u = Vec::new();
+    let (mut d, mut a) = (Vec::new(), Vec::new());
     for (g, r) in layout.ranges().enumerate() {
         let start = r.start;
         let lo = widen_logp(name, &logp_old[r.clone()], start)?;
@@ -96,16 +96,7 @@ fn target_named<L: Scalar, S: Scalar>(
         if lo.iter().all(|&x| x == f64::NEG_INFINITY) {
             return Err(TpoError::AllExcluded { name, group: g });
         }
-        zscore(&s, &lo, cfg.zero_std_threshold, &mut u);
-        let a: Vec<f64> = lo
-            .iter()
-            .zip(&u)
-            .map(|(&l, &ui)| match (l == f64::NEG_INFINITY, cfg.anchor) {
-                (true, _) => f64::NEG_INFINITY,
-                (false, Anchor::Anchored) => l + ui / cfg.eta,
-                (false, Anchor::NoAnchor) => ui / cfg.eta,
-            })
-            .collect();
+        relative_logits(&lo, &s, cfg, &mut d, &mut a);
         softmax_into(&a, &mut q[r]);
     }
     Ok(q)
@@ -190,28 +181,115 @@ pub fn target_and_fit<L: Scalar, S: Scalar>(
 /// Population z-score of `s` over the members whose `l_old` is not `-inf`; zero for the
 /// excluded members, and for all members when the deviation is `<= threshold`.
 ///
-/// Computed on `s / max|s|` so that scores near the `f64` range do not overflow; the
-/// threshold applies to the deviation of the raw scores.
+/// Computed on the scores scaled by an exact power of two (`t = s 2^-e`, `|t| < 1`) and measured
+/// from the group's top score (`d_i = t_i - max t`), so that scores near the `f64` range do not
+/// overflow and equal scores give exactly zero deviation; the threshold applies to the deviation
+/// of the raw scores.
 pub fn zscore(s: &[f64], l_old: &[f64], threshold: f64, u: &mut Vec<f64>) {
     u.clear();
     u.resize(s.len(), 0.0);
+    let mut d = Vec::new();
+    if let Some((mean, sd)) = score_deviations(s, l_old, threshold, &mut d) {
+        for i in 0..s.len() {
+            if l_old[i] != f64::NEG_INFINITY {
+                u[i] = (d[i] - mean) / sd;
+            }
+        }
+    }
+}
+
+/// Deviations `d_i = t_i - max_j t_j` of the scaled scores `t = s 2^-e` (`e` such that
+/// `max |s| 2^-e` lies in `[1/2, 1)`, so the scaling is exact) over the members whose `l_old` is
+/// not `-inf` (0 for the others), with their mean and population deviation: `Some((mean, sd))`,
+/// so that `u_i = (d_i - mean) / sd`, or `None` for a zero-variance group (`u = 0`).
+fn score_deviations(s: &[f64], l_old: &[f64], threshold: f64, d: &mut Vec<f64>) -> Option<(f64, f64)> {
+    d.clear();
+    d.resize(s.len(), 0.0);
     let inc = |i: usize| l_old[i] != f64::NEG_INFINITY;
     let n = (0..s.len()).filter(|&i| inc(i)).count();
     let m = (0..s.len()).filter(|&i| inc(i)).map(|i| s[i].abs()).fold(0.0, f64::max);
     if n == 0 || m == 0.0 {
-        return;
+        return None;
     }
-    let mean = (0..s.len()).filter(|&i| inc(i)).map(|i| s[i] / m).sum::<f64>() / n as f64;
-    let var = (0..s.len()).filter(|&i| inc(i)).map(|i| (s[i] / m - mean).powi(2)).sum::<f64>() / n as f64;
+    let e = binary_exponent(m);
+    let top = (0..s.len()).filter(|&i| inc(i)).map(|i| ldexp(s[i], -e)).fold(f64::NEG_INFINITY, f64::max);
+    for i in (0..s.len()).filter(|&i| inc(i)) {
+        d[i] = ldexp(s[i], -e) - top;
+    }
+    let mean = (0..s.len()).filter(|&i| inc(i)).map(|i| d[i]).sum::<f64>() / n as f64;
+    let var = (0..s.len()).filter(|&i| inc(i)).map(|i| (d[i] - mean).powi(2)).sum::<f64>() / n as f64;
     let sd = var.sqrt();
-    if sd == 0.0 || sd * m <= threshold {
+    if sd == 0.0 || ldexp(sd, e) <= threshold {
+        return None;
+    }
+    Some((mean, sd))
+}
+
+/// The group's log-weights relative to their maximum, `a_i - max_j a_j` (`a_i` itself for a
+/// zero-variance group), with
+/// `a_i = [anchored] l_old_i + u_i / eta` (`-inf` for excluded members), written to `a`.
+///
+/// `a_i` itself is never formed: `u_i / eta` overflows for a small `eta`, and `l_old_i + u_i / eta`
+/// loses the anchor's digits long before. With `u_max` the largest `u` and `L*` the largest `l_old`
+/// among the members where `u = u_max`, the difference is computed as
+/// `h_i = (l_old_i / 2 - L* / 2) + (u_i - u_max) / (2 eta)`, then `2 (h_i - max_j h_j)`: both terms
+/// of `h_i` are at most the `f64` range (the halving keeps `l_old_i - L*` from overflowing), the
+/// score term is `<= 0` and exactly 0 where `u = u_max`, so `max h >= 0` is finite and the result
+/// has no NaN for any finite `eta > 0`. As `eta -> 0` it tends to `l_old_i - L*` on the members with
+/// `u = u_max` and `-inf` elsewhere: the target becomes `p_old` restricted to the best-scored
+/// members, renormalised. `u_i - u_max = d_i / sd` is exact up to one rounding (see
+/// [`score_deviations`]).
+fn relative_logits(lo: &[f64], s: &[f64], cfg: &TargetConfig, d: &mut Vec<f64>, a: &mut Vec<f64>) {
+    let anchored = cfg.anchor == Anchor::Anchored;
+    a.clear();
+    let Some((_, sd)) = score_deviations(s, lo, cfg.zero_std_threshold, d) else {
+        // Zero variance, u = 0: a = l_old (or 0) as it stands, so that q = p_old exactly for every eta.
+        a.extend(lo.iter().map(|&l| match (l == f64::NEG_INFINITY, anchored) {
+            (true, _) => f64::NEG_INFINITY,
+            (false, true) => l,
+            (false, false) => 0.0,
+        }));
         return;
+    };
+    // Half of (u_i - u_max) / eta: <= 0, and exactly 0 where u_i = u_max (`d_i = 0`).
+    a.extend(d.iter().map(|&di| if di != 0.0 { 0.5 * (di / sd / cfg.eta) } else { 0.0 }));
+    let inc = |i: usize| lo[i] != f64::NEG_INFINITY;
+    let l_star = if anchored {
+        (0..lo.len()).filter(|&i| inc(i) && a[i] == 0.0).map(|i| lo[i]).fold(f64::NEG_INFINITY, f64::max)
+    } else {
+        0.0
+    };
+    for i in 0..lo.len() {
+        a[i] = match (inc(i), anchored) {
+            (false, _) => f64::NEG_INFINITY,
+            (true, true) => (0.5 * lo[i] - 0.5 * l_star) + a[i],
+            (true, false) => a[i],
+        };
     }
-    for i in 0..s.len() {
-        if inc(i) {
-            u[i] = (s[i] / m - mean) / sd;
-        }
+    let h_max = a.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    for x in a.iter_mut() {
+        *x = 2.0 * (*x - h_max);
     }
+}
+
+/// `e` with `x` in `[2^(e-1), 2^e)`, for a finite `x > 0` (subnormals included).
+pub(crate) fn binary_exponent(x: f64) -> i32 {
+    let bits = x.to_bits();
+    let biased = ((bits >> 52) & 0x7ff) as i32;
+    if biased != 0 {
+        biased - 1022
+    } else {
+        // Subnormal: x = mantissa 2^-1074, its top bit at position p gives e = p - 1073.
+        let mantissa = bits & ((1u64 << 52) - 1);
+        (63 - mantissa.leading_zeros() as i32) - 1073
+    }
+}
+
+/// `x 2^k`, exact whenever the result is a normal number, for `k` in `[-2044, 2046]`.
+pub(crate) fn ldexp(x: f64, k: i32) -> f64 {
+    let pow2 = |j: i32| f64::from_bits(((j + 1023) as u64) << 52);
+    let k1 = k / 2;
+    x * pow2(k1) * pow2(k - k1)
 }
 
 /// `log sum_i exp(a_i)`, stable; `-inf` entries contribute nothing (at least one must be finite).

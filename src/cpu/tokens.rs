@@ -247,7 +247,10 @@ pub fn linear_logits<T: Scalar>(hidden: &[T], weight: &[T], dim: usize) -> Resul
         });
     }
     let (n, vocab) = (hidden.len() / dim, weight.len() / dim);
-    let mut z = vec![0.0; n * vocab];
+    let len = n.checked_mul(vocab).ok_or_else(|| {
+        TpoError::SizeOverflow(format!("{n} tokens x {vocab} vocabulary entries of logits"))
+    })?;
+    let mut z = vec![0.0; len];
     for t in 0..n {
         for v in 0..vocab {
             z[t * vocab + v] =

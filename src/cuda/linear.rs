@@ -159,10 +159,11 @@ impl FusedLinear {
         let (t, v, d) = (batch.seqs.host.len(), self.vocab, self.dim);
         let tokens_out = &out.path.tokens;
         for (name, got, want) in [
-            ("hidden", hidden.len(), t * d),
+            // Saturating: an overflowing product matches no slice length (at most isize::MAX).
+            ("hidden", hidden.len(), t.saturating_mul(d)),
             ("weight", weight.len(), v * d),
             ("tokens", batch.tokens.len(), t),
-            ("grad_hidden output", out.grad_hidden.len(), t * d),
+            ("grad_hidden output", out.grad_hidden.len(), t.saturating_mul(d)),
             ("grad_weight output", out.grad_weight.len(), v * d),
             ("token outputs", tokens_out.logp.len(), t),
             ("token outputs (lse)", tokens_out.lse.len(), t),

@@ -90,14 +90,24 @@ struct Params {
     status: u64,
     num_groups: i64,
     k: i64,
+    /// `1 / eta = inv_eta 2^inv_eta_exp` (see [`inv_eta_parts`]).
     inv_eta: f32,
     zero_std_threshold: f32,
     grad_coef: f32,
     anchored: i32,
     loss_kl: i32,
-    pad: i32,
+    inv_eta_exp: i32,
     group_ids: u64,
     num_items: i64,
+}
+
+/// `1 / eta` as `(m, e)` with `1 / eta = m 2^e` and `m` in `(1, 2]` (rounded to f32): from
+/// `eta = f 2^k`, `f` in `[1/2, 1)`, `m = 1 / f` and `e = -k`. Exact to f32 rounding of `m` for every
+/// finite `eta > 0`, where `(1 / eta) as f32` overflows below `eta ~ 2.9e-39` (and `1 / eta` itself
+/// overflows f64 for a subnormal `eta`) and loses digits above `eta ~ 8.5e37`.
+fn inv_eta_parts(eta: f64) -> (f32, i32) {
+    let k = crate::cpu::binary_exponent(eta);
+    ((1.0 / crate::cpu::ldexp(eta, -k)) as f32, -k)
 }
 
 // SAFETY: `Params` is `repr(C)`, `Copy`, holds only plain integers and floats (device addresses
@@ -399,6 +409,10 @@ impl CudaTpo {
                 "a group of {max} members exceeds the CUDA kernels' limit of {MAX_GROUP}"
             )));
         }
+        // The kernels index with i64: every offset, hence the total, must fit.
+        i64::try_from(layout.len()).map_err(|_| {
+            TpoError::SizeOverflow(format!("{} members (the kernels index with i64)", layout.len()))
+        })?;
         let offsets = match layout.uniform_size() {
             Some(_) => None,
             None => Some(self.to_device(&layout.offsets().iter().map(|&o| o as i64).collect::<Vec<_>>())?),
@@ -491,12 +505,12 @@ impl CudaTpo {
             status: p_status,
             num_groups: l.num_groups() as i64,
             k: l.uniform_size().unwrap_or(0) as i64,
-            inv_eta: (1.0 / cfg.eta) as f32,
+            inv_eta: inv_eta_parts(cfg.eta).0,
             zero_std_threshold: cfg.zero_std_threshold as f32,
             grad_coef: 0.0,
             anchored: i32::from(cfg.anchor == Anchor::Anchored),
             loss_kl: 0,
-            pad: 0,
+            inv_eta_exp: inv_eta_parts(cfg.eta).1,
             group_ids: 0,
             num_items: 0,
         };
@@ -567,7 +581,8 @@ impl CudaTpo {
             scores: p_s,
             q_out: p_q,
             offsets: p_off,
-            inv_eta: (1.0 / tcfg.eta) as f32,
+            inv_eta: inv_eta_parts(tcfg.eta).0,
+            inv_eta_exp: inv_eta_parts(tcfg.eta).1,
             zero_std_threshold: tcfg.zero_std_threshold as f32,
             anchored: i32::from(tcfg.anchor == Anchor::Anchored),
             ..self.fit_params(l, fcfg, w, &mut out.fit)
@@ -632,7 +647,7 @@ impl CudaTpo {
             grad_coef: (cfg.grad_scale * w) as f32,
             anchored: 1,
             loss_kl: i32::from(cfg.form == LossForm::Kl),
-            pad: 0,
+            inv_eta_exp: 0,
             group_ids: 0,
             num_items: 0,
         }
@@ -852,5 +867,23 @@ mod tests {
             let n = k.name();
             assert!(all.contains(&format!(".entry {n}(")), "{n} is not in the PTX");
         }
+    }
+
+    /// `1 / eta = m 2^e` with `m` in `[1, 2]` (`(1, 2]` before the rounding to f32), for every finite
+    /// `eta > 0` (no GPU needed).
+    #[test]
+    fn inv_eta_parts_cover_every_finite_eta() {
+        let sub = f64::from_bits(1);
+        for eta in [sub, 1e-320, 1e-40, 2.9e-39, 1e-14, 0.3, 0.5, 1.0, 3.0, 1e6, 1e39, 1e300, f64::MAX] {
+            let (m, e) = inv_eta_parts(eta);
+            assert!((1.0..=2.0).contains(&m), "eta {eta:e}: m = {m}");
+            // log2(m 2^e) = -log2(eta), checked in logs since 1 / eta itself may overflow.
+            let got = f64::from(m).log2() + f64::from(e);
+            let want = -eta.log2();
+            assert!((got - want).abs() <= 2e-7, "eta {eta:e}: 2^{got} vs 2^{want}");
+        }
+        assert_eq!(inv_eta_parts(1.0), (2.0, -1));
+        assert_eq!(inv_eta_parts(0.25), (2.0, 1));
+        assert_eq!(std::mem::size_of::<Params>(), 136, "the kernels take the struct by value");
     }
 }

@@ -493,8 +493,15 @@ fn check_logits(len: usize, vocab: usize, rows: usize, cfg: &TokenConfig) -> Res
             got: cfg.temperature,
         });
     }
-    if vocab == 0 || len != rows * vocab {
-        return Err(TpoError::LengthMismatch { name: "logits", got: len, expected: rows * vocab });
+    let Some(expected) = rows.checked_mul(vocab).filter(|_| vocab > 0) else {
+        return Err(if vocab == 0 {
+            TpoError::LengthMismatch { name: "logits", got: len, expected: 0 }
+        } else {
+            TpoError::SizeOverflow(format!("{rows} rows x {vocab} vocabulary entries of logits"))
+        });
+    };
+    if len != expected {
+        return Err(TpoError::LengthMismatch { name: "logits", got: len, expected });
     }
     Ok(rows)
 }

@@ -1,5 +1,5 @@
 // Runs kernels/tpo.cu's per-group code on the host (one lane per group) for tests/host_emulation.rs.
-// stdin: mode T G B N on_policy anchored loss_kl inv_eta threshold coef, then offsets[B+1],
+// stdin: mode T G B N on_policy anchored loss_kl eta threshold coef, then offsets[B+1],
 //        logp[N] (fit, fused), logp_old[N] (target; fused unless on_policy), scores[N] (target,
 //        fused), q_in[N] (fit). T, G: 0 = f32, 1 = bf16, 2 = f16.
 // stdout: status, then q[N] (target, fused), grad[N] (fit, fused), group_loss[B] (fit, fused),
@@ -76,12 +76,16 @@ template <typename T, typename G> static int run(int mode, long long B, long lon
 int main() {
     int mode, t, gt, on_policy, anchored, loss_kl;
     long long B, N;
-    double inv_eta, thr, coef;
+    double eta, thr, coef;
     if (scanf("%d %d %d %lld %lld %d %d %d %lf %lf %lf", &mode, &t, &gt, &B, &N, &on_policy, &anchored, &loss_kl,
-              &inv_eta, &thr, &coef) != 11)
+              &eta, &thr, &coef) != 11)
         return 2;
     TpoParams p{};
-    p.inv_eta = (float)inv_eta;
+    // As inv_eta_parts in src/cuda/mod.rs: eta = f 2^k, f in [1/2, 1), so 1 / eta = (1 / f) 2^-k.
+    int k = 0;
+    const double f = std::frexp(eta, &k);
+    p.inv_eta = (float)(1.0 / f);
+    p.inv_eta_exp = -k;
     p.zero_std_threshold = (float)thr;
     p.grad_coef = (float)coef;
     p.anchored = anchored;
