@@ -28,7 +28,7 @@
 //! the library's one-line message; nothing panics on bad input.
 //!
 //! A tensor on a CUDA or Metal device runs through the same CPU reference (a host round trip):
-//! correct, but not fast. tpo's CUDA kernels ([`crate::cuda`], feature `cuda`) are not yet wired
+//! correct, but not fast. tpo's CUDA kernels (`tpo::cuda`, feature `cuda`) are not yet wired
 //! to candle's CUDA storage.
 //!
 //! ```

@@ -156,7 +156,7 @@ fn groups() -> impl Strategy<Value = Groups> {
 }
 
 fn eta() -> impl Strategy<Value = f64> {
-    (-3.0..3.0f64).prop_map(|e| 10f64.powf(e))
+    (-12.0..6.0f64).prop_map(|e| 10f64.powf(e))
 }
 
 fn reduction() -> impl Strategy<Value = Reduction> {
@@ -179,7 +179,7 @@ fn which() -> impl Strategy<Value = Which> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// (a) The group loss: the loss and candle's gradient equal `cpu::target_and_fit` / `cpu::fit`
     /// on the values the op sees, for all three target sources.
