@@ -652,3 +652,65 @@ fn backward_twice_and_deterministic() -> R<()> {
     assert_eq!(g1[3], 0.0);
     Ok(())
 }
+
+/// Strided views reach the ops correctly: log-probs as a column of a matrix, logits as the
+/// transpose of a `[V, T]` matrix; the gradient lands on the viewed elements only.
+#[test]
+fn strided_inputs() -> R<()> {
+    let dev = Device::Cpu;
+    let layout = GroupLayout::from_sizes(&[2, 3]).unwrap();
+    let l = [-1.0f64, -2.0, -0.5, -3.0, -1.5];
+    let scores = [1.0f64, 0.0, 0.5, 1.0, 0.0];
+    // Column 0 of a [5, 2] matrix holds l; column 1 is something else.
+    let mut m = vec![0.0; 10];
+    for (i, &x) in l.iter().enumerate() {
+        m[2 * i] = x;
+        m[2 * i + 1] = 7.0;
+    }
+    let w = Var::from_tensor(&Tensor::from_vec(m, (5, 2), &dev)?)?;
+    let col = w.as_tensor().narrow(1, 0, 1)?.squeeze(1)?;
+    assert!(!col.is_contiguous());
+    let s = Tensor::new(&scores, &dev)?;
+    let out = group_loss(&col, &layout, GroupTarget::OnPolicy { scores: &s }, &LossConfig::default())?;
+    let g = values(out.loss.backward()?.get(w.as_tensor()).unwrap())?;
+    let r = cpu::target_and_fit(&l, None, &scores, &layout, &TargetConfig::default(), &FitConfig::default())
+        .unwrap();
+    for i in 0..5 {
+        assert_eq!(g[2 * i], r.fit.grad[i]);
+        assert_eq!(g[2 * i + 1], 0.0);
+    }
+
+    // Logits [T, V] as the transpose of a [V, T] variable.
+    let (t, vocab) = (5usize, 3usize);
+    let zt: Vec<f64> = (0..t * vocab).map(|i| ((i * 7) % 11) as f64 * 0.3 - 1.0).collect();
+    let v = Var::from_tensor(&Tensor::from_vec(zt.clone(), (vocab, t), &dev)?)?;
+    let logits = v.as_tensor().t()?;
+    assert!(!logits.is_contiguous());
+    let toks = [0u32, 2, 1, 1, 0];
+    let mask = [true, true, false, true, true];
+    let seqs = GroupLayout::from_sizes(&[2, 1, 2]).unwrap();
+    let groups = GroupLayout::from_sizes(&[2, 1]).unwrap();
+    let sc = [1.0, 0.0, 0.5];
+    let (tok_t, mask_t, sc_t) =
+        (Tensor::new(&toks, &dev)?, Tensor::new(&[1u8, 1, 0, 1, 1], &dev)?, Tensor::new(&sc, &dev)?);
+    let b = TokenBatch { tokens: &tok_t, seqs: &seqs, mask: &mask_t, groups: &groups };
+    let out = loss_from_logits(&logits, &b, GroupTarget::OnPolicy { scores: &sc_t }, &PathConfig::default())?;
+    let g = values(out.loss.backward()?.get(v.as_tensor()).unwrap())?;
+    let z: Vec<f64> = (0..t * vocab).map(|i| zt[(i % vocab) * t + i / vocab]).collect();
+    let hb = SequenceBatch { tokens: &toks, seqs: &seqs, mask: &mask, groups: &groups };
+    let r = tokens::tpo_from_logits(
+        &z,
+        vocab,
+        &hb,
+        TargetSource::OnPolicy { scores: &sc },
+        &PathConfig::default(),
+    )
+    .unwrap();
+    for i in 0..t {
+        for j in 0..vocab {
+            assert_eq!(g[j * t + i], r.grad_logits[i * vocab + j], "dz[{i}, {j}]");
+        }
+    }
+    assert!(r.grad_logits.iter().any(|&x| x != 0.0));
+    Ok(())
+}
