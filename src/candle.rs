@@ -27,8 +27,8 @@
 //! Every error of the library comes back as a candle [`Error::Msg`](candle_core::Error::Msg) with
 //! the library's one-line message; nothing panics on bad input.
 //!
-//! A tensor on a CUDA or Metal device runs through the same CPU reference (a host round trip):
-//! correct, but not fast. tpo's CUDA kernels (`tpo::cuda`, feature `cuda`) are not yet wired
+//! A tensor on a CUDA or Metal device takes the same path, through a host round trip (the code
+//! is the same, but it has not been run on a device: the tests run on the CPU). tpo's CUDA kernels (`tpo::cuda`, feature `cuda`) are not yet wired
 //! to candle's CUDA storage.
 //!
 //! ```
@@ -125,7 +125,7 @@ pub struct GroupLoss {
     pub loss: Tensor,
     /// The loss as computed in `f64`.
     pub value: f64,
-    /// The target `q`, `[N]`, in `f64` on the log-probs' device: keep it for later epochs
+    /// The target `q`, `[N]`, in `f64` on the CPU (where the op reads it): keep it for later epochs
     /// ([`GroupTarget::Stored`]).
     pub target: Tensor,
     /// `L_g` per group, unreduced.
@@ -326,7 +326,7 @@ pub fn group_loss(
     Ok(GroupLoss {
         loss,
         value: fit.loss,
-        target: Tensor::from_vec(q, n, logp.device())?,
+        target: Tensor::from_vec(q, n, &Device::Cpu)?,
         group_loss: fit.group_loss,
         stats: fit.stats,
     })
@@ -356,9 +356,9 @@ pub struct LogitsLoss {
     pub loss: Tensor,
     /// The loss as computed in `f64`.
     pub value: f64,
-    /// The target `q`, one per sequence, `f64` on the logits' device: keep it for later epochs.
+    /// The target `q`, one per sequence, `f64` on the CPU: keep it for later epochs.
     pub target: Tensor,
-    /// `l_i` per sequence, `f64` on the logits' device (a constant: at rollout, the `l_old` of
+    /// `l_i` per sequence, `f64` on the CPU (a constant: at rollout, the `l_old` of
     /// [`GroupTarget::Rollout`] for later calls).
     pub seq_logp: Tensor,
     /// Per-token entropy when [`TokenConfig::entropy`](crate::cpu::tokens::TokenConfig::entropy)
@@ -486,7 +486,7 @@ pub fn loss_from_logits(
     let loss = apply_on_host(logits, op)?;
     let r = take_slot(&out)?;
     let n = r.target.len();
-    let dev = logits.device();
+    let dev = &Device::Cpu;
     Ok(LogitsLoss {
         loss,
         value: r.fit.loss,
