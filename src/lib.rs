@@ -31,6 +31,8 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]

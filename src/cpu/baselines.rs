@@ -1,4 +1,5 @@
-//! Comparison losses for A/B experiments against TPO: REINFORCE with a baseline, GRPO and DG.
+//! Comparison losses for A/B experiments against TPO: REINFORCE with a baseline, PPO-clip, GRPO
+//! and DG.
 //!
 //! They share TPO's conventions: a [`GroupLayout`], the [`FitConfig`] reduction and upstream
 //! scale, and a [`FitOutput`] whose `grad` is `d(grad_scale * loss) / d l`. Within a group the
@@ -51,6 +52,28 @@ pub struct GrpoConfig {
 impl Default for GrpoConfig {
     fn default() -> Self {
         Self { clip_eps: 0.2, beta: 0.04, zero_std_threshold: 1e-6 }
+    }
+}
+
+/// PPO's clipped surrogate with caller-given advantages `A` (PPO-clip, Schulman et al. 2017).
+/// With `r_i = l_i - l_old_i` and `rho_i = exp(r_i)`:
+///
+/// `L = -(1/K) sum_i min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i)`,
+///
+/// `dL/dl_i = -(1/K) rho_i A_i [unclipped term active]`, where the unclipped term is active when
+/// `rho_i A_i <= clip(rho_i, 1 - eps, 1 + eps) A_i` (ties count as active, as in [`grpo`]).
+/// It is GRPO without the KL penalty and without z-scoring: the advantages (from a value
+/// baseline, GAE, ...) are used as given. The usual mean over samples is a single group with
+/// [`Reduction::Mean`](crate::Reduction::Mean), or groups of one, or any uniform layout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PpoConfig {
+    /// Clip range `eps` in `(0, 1)` (default 0.2).
+    pub clip_eps: f64,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        Self { clip_eps: 0.2 }
     }
 }
 
@@ -127,6 +150,47 @@ pub fn grpo<L: Scalar, S: Scalar>(
             loss += (-unclipped.min(clipped) + cfg.beta * kl) / k;
             let d_sur = if unclipped <= clipped { -rho * a } else { 0.0 };
             out[i] = (d_sur + cfg.beta * (1.0 - (-r).exp())) / k;
+        }
+        Ok(loss)
+    })
+}
+
+/// PPO-clip with given advantages (see [`PpoConfig`]). Errors: length mismatches, non-finite
+/// log-probs or advantages, `clip_eps` outside `(0, 1)`.
+pub fn ppo<L: Scalar, A: Scalar>(
+    logp: &[L],
+    logp_old: &[L],
+    advantages: &[A],
+    layout: &GroupLayout,
+    cfg: &PpoConfig,
+    fit: &FitConfig,
+) -> Result<FitOutput> {
+    if !(cfg.clip_eps.is_finite() && cfg.clip_eps > 0.0 && cfg.clip_eps < 1.0) {
+        return Err(TpoError::BadConfig {
+            name: "clip_eps",
+            requirement: "finite and in (0, 1)",
+            got: cfg.clip_eps,
+        });
+    }
+    layout.check_len("advantages", advantages.len())?;
+    if let Some(i) = advantages.iter().position(|a| !a.to_f64().is_finite()) {
+        return Err(TpoError::NonFinite {
+            name: "advantages",
+            index: i,
+            value: advantages[i].to_f64(),
+            allowed: "advantages must be finite",
+        });
+    }
+    per_group(layout, fit, &[("logp", logp), ("logp_old", logp_old)], advantages, |l, a, _, out| {
+        let (l, lo) = (l[0], l[1]);
+        let k = l.len() as f64;
+        let mut loss = 0.0;
+        for i in 0..a.len() {
+            let rho = (l[i] - lo[i]).exp();
+            let unclipped = rho * a[i];
+            let clipped = rho.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * a[i];
+            loss -= unclipped.min(clipped) / k;
+            out[i] = if unclipped <= clipped { -unclipped / k } else { 0.0 };
         }
         Ok(loss)
     })

@@ -17,7 +17,7 @@ use crate::scalar::Scalar;
 
 mod baselines;
 pub mod tokens;
-pub use baselines::{dg, grpo, reinforce, sigmoid, Baseline, DgConfig, GrpoConfig, PgConfig};
+pub use baselines::{dg, grpo, ppo, reinforce, sigmoid, Baseline, DgConfig, GrpoConfig, PgConfig, PpoConfig};
 
 /// A stored target may deviate from summing to one by at most this much per group
 /// (room for bf16 storage of `q`, whose relative rounding is `2^-9`).
