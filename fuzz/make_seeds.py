@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus of the `eval_input` fuzz target (fuzz/corpus/eval_input/).
+"""Writes the seed corpus of the `eval_input` fuzz target (fuzz/corpus/eval_input/) and the
+hand-made reproducers of its findings (fuzz/regressions/eval_input/).
 
 Standard library only: a safetensors file is an 8-byte little-endian header length, a JSON
 header, then the tensors' bytes. Run from anywhere: `python3 fuzz/make_seeds.py`.
@@ -88,5 +89,34 @@ def main():
             f.write(b)
 
 
+def regressions():
+    """Minimal reproducers of the findings (fuzz/regressions/eval_input/), replayed by
+    tests/fuzz_regressions.rs."""
+    out = os.path.join(HERE, "regressions", "eval_input")
+    os.makedirs(out, exist_ok=True)
+    files = {
+        # logp_old of magnitude 1e17: l + u / eta rounds to l, and l - (max + ln 2) to 0, so the
+        # target is [1, 1] (sums to 2); fit() then refuses it as "pass the output of target()".
+        "target-sums-to-2-large-logp-old": st([
+            ("logp", "F64", [1, 2], [-1.0, -1.0]),
+            ("logp_old", "F64", [1, 2], [-1e17, -1e17]),
+            ("scores", "F64", [1, 2], [0.0, 1.0])]),
+        # logp of magnitude 1e17: softmax(logp) = [1, 1], so the gradient p - q sums to 1, not 0.
+        "grad-not-zero-sum-large-logp": st([
+            ("logp", "F64", [1, 2], [-1e17, -1e17]),
+            ("logp_old", "F64", [1, 2], [-1.0, -2.0]),
+            ("scores", "F64", [1, 2], [0.0, 1.0])]),
+        # The issue's int64 group_sizes: the sum wraps to 2 (a panic with overflow checks on).
+        "group-sizes-overflow": st([
+            ("logp", "F32", [3], [-1.0, -2.0, -3.0]),
+            ("scores", "F32", [3], [0.0, 1.0, 0.5]),
+            ("group_sizes", "I64", [3], [2**63 - 1, 2**63 - 1, 4])]),
+    }
+    for name, b in files.items():
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(b)
+
+
 if __name__ == "__main__":
     main()
+    regressions()
