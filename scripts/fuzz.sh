@@ -33,8 +33,11 @@ for target in eval_input api; do
     # New inputs go to an ignored work folder, so the seed corpus in the repository stays as is.
     work="fuzz/work/$target"
     mkdir -p "$work"
-    extra=()
+    # No length ramp-up (-len_control=0): the api target turns input length into data, and a
+    # one-minute run would otherwise spend itself on tiny inputs.
+    extra=(-len_control=0)
     [[ -f "fuzz/$target.dict" ]] && extra+=("-dict=$target.dict")
+    [[ "$target" == api ]] && extra+=(-max_len=2048)
     echo "== fuzz $target for ${secs}s"
     if ! (cd fuzz && "${cargo[@]}" fuzz run --sanitizer none "$target" "work/$target" "corpus/$target" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${extra[@]}"); then
