@@ -785,6 +785,26 @@ pub fn fused_bytes(layout: &GroupLayout, input_bytes: usize, grad_bytes: usize, 
 mod tests {
     use super::*;
 
+    /// The probe tries exactly the names cudarc loads by. tpo's own builds let cudarc load
+    /// libraries itself, so its list exists here to compare with.
+    #[test]
+    fn library_probe_uses_cudarc_names() {
+        for lib in ["cuda", "nvcuda", "nvToolsExt"] {
+            assert_eq!(lib_candidates(lib), cudarc::get_lib_name_candidates(lib), "{lib}");
+        }
+    }
+
+    /// Without a driver library, opening a device is one clear line, not a panic. (Skipped where
+    /// a driver, real or emulated, can be loaded.)
+    #[test]
+    fn no_driver_is_a_one_line_error() {
+        if library_present(&["cuda", "nvcuda"]) {
+            return;
+        }
+        let e = CudaTpo::new(0).unwrap_err().to_string();
+        assert!(e.contains("no NVIDIA driver found") && !e.contains('\n'), "{e}");
+    }
+
     /// Every key names an entry point of the embedded PTX (no GPU needed).
     #[test]
     fn kernel_keys_name_the_ptx_entry_points() {
