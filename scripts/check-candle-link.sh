@@ -11,10 +11,12 @@
 #                                         libnvrtc, which a machine without a CUDA driver and
 #                                         toolkit libraries does not have; use it where they are.
 #
-# Needs nvcc (installed by scripts/install-nvcc.sh, no GPU needed) and crates.io.
+# Needs nvcc (installed by scripts/install-nvcc.sh into NVCC_DIR, default .cuda; no GPU needed) and
+# crates.io. Cold, candle-kernels' nvcc build dominates: 49 min measured on a shared, busy 2-core
+# machine (load average 12-14); a warm rerun takes seconds.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-eval "$("$root/scripts/install-nvcc.sh")"
+eval "$("$root/scripts/install-nvcc.sh" ${NVCC_DIR:+"$NVCC_DIR"})"
 # candle-kernels asks nvidia-smi for the compute capability unless told: sm_90 (H100/H200).
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 cd "$root/examples/candle_link"
