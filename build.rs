@@ -6,7 +6,8 @@
 //! * ptxas' register and spill report for every kernel goes to `$OUT_DIR/ptxas-report.txt`
 //!   (a cargo warning names any kernel that spills).
 //!
-//! Without the feature nothing CUDA is needed.
+//! Without the feature nothing CUDA is needed. On docs.rs (`DOCS_RS` set), which has no nvcc,
+//! no PTX is embedded: the documentation needs the Rust items only.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,7 +20,18 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-env-changed=DOCS_RS");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    if std::env::var_os("DOCS_RS").is_some() {
+        let stub = "/// PTX of every kernel source, by file stem (none: built for docs.rs).\n\
+                    pub const PTX: &[(&str, &str)] = &[];\n\
+                    /// The architecture the PTX was built for (none: built for docs.rs).\n\
+                    pub const ARCH: &str = \"none\";\n";
+        std::fs::write(out.join("kernels.rs"), stub).expect("write kernels.rs");
+        std::fs::write(out.join("ptxas-report.txt"), "# docs.rs build: no kernels compiled\n")
+            .expect("write ptxas-report.txt");
+        return;
+    }
     let nvcc = find_nvcc().unwrap_or_else(|| {
         fail(
             "the `cuda` feature needs nvcc, and none was found in NVCC, CUDA_HOME, CUDA_PATH or PATH.\n\

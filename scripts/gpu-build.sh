@@ -17,9 +17,9 @@ for line in sys.stdin:
         print(m["executable"])' "$1" | tail -n 1
 }
 
-cp "$(cargo test --release --features cuda --test gpu --no-run --message-format=json | exe gpu)" .gpu/bin/gpu-tests
-cp "$(cargo bench --features cuda --bench cuda --no-run --message-format=json | exe cuda)" .gpu/bin/cuda-bench
-cargo build --release --features cuda --bin tpo --example gpu_bench
+cp "$(cargo test --release --features cuda,nvtx --test gpu --no-run --message-format=json | exe gpu)" .gpu/bin/gpu-tests
+cp "$(cargo bench --features cuda,nvtx --bench cuda --no-run --message-format=json | exe cuda)" .gpu/bin/cuda-bench
+cargo build --release --features cuda,nvtx --bin tpo --example gpu_bench
 cp target/release/tpo target/release/examples/gpu_bench .gpu/bin/
 strip .gpu/bin/* 2>/dev/null || true
 # Liger-Kernel (pure Python, on Triton) for the fused-linear comparison; the GPU machine has no network.

@@ -5,7 +5,7 @@
 #   scripts/install-nvcc.sh [DIR]        (DIR defaults to .cuda in the repository root)
 #
 # CUDA 13.0 is pinned because the lent GPUs' driver supports CUDA 13.0: PTX from a newer nvcc
-# would not load there. Then: eval "$(scripts/install-nvcc.sh)" exports CUDA_HOME and NVCC.
+# would not load there. Then: eval "$(scripts/install-nvcc.sh)" exports CUDA_HOME and NVCC and puts nvcc on PATH.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dir="${1:-$root/.cuda}"
@@ -28,4 +28,5 @@ nvcc="$(find "$site" -path '*/bin/nvcc' -type f | head -n 1)"
 home="$(dirname "$(dirname "$nvcc")")"
 chmod +x "$home"/bin/* "$home"/nvvm/bin/* 2>/dev/null || true
 echo "install-nvcc: $("$nvcc" --version | tail -n 2 | head -n 1)" >&2
-echo "export CUDA_HOME='$home' NVCC='$nvcc'"
+# nvcc also goes on PATH: cudarc (feature `cuda-version-from-build-system`) asks `nvcc --version`.
+echo "export CUDA_HOME='$home' NVCC='$nvcc' PATH='$home/bin':\"\$PATH\""

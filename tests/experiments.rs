@@ -52,7 +52,7 @@ fn curves_have_the_expected_shape() {
     for c in &curves {
         assert_eq!(c.error_mean.len(), 60);
         // Zero init: the first error is exactly 1 - 1/A.
-        assert!((c.error_mean[0] - 0.99).abs() < 1e-12 && c.error_se[0] < 1e-12);
+        assert!((c.error_mean[0] - 0.99).abs() < 1e-12 && c.error_se.as_ref().unwrap()[0] < 1e-12);
         assert!(c.misalignment_mean.iter().all(|m| (0.0..=2.0).contains(m)));
         // Every method makes progress within 60 steps of size 0.1.
         assert!(c.error_mean[59] < c.error_mean[0], "{:?}", c.method);
@@ -73,4 +73,24 @@ fn misalignment_conventions() {
     assert!(misalignment(&[2.0, 0.0], &[1.0, 0.0]).abs() < 1e-16);
     assert!((misalignment(&[0.0, 1.0], &[1.0, 0.0]) - 1.0).abs() < 1e-16);
     assert!((misalignment(&[-1.0, 0.0], &[1.0, 0.0]) - 2.0).abs() < 1e-16);
+}
+
+#[test]
+fn one_seed_has_no_standard_error() {
+    // A standard error of 0 from one seed would be presented as a measured, perfectly certain
+    // value; it is absent instead. Two seeds give the sample s.d. / sqrt(2).
+    let run = |e: f64| Run { error: vec![e, e / 2.0], misalignment: vec![0.5, 0.25] };
+    let one = summarise(Method::Tpo, &[run(0.4)]);
+    assert_eq!(one.error_mean, [0.4, 0.2]);
+    assert_eq!((one.error_se, one.misalignment_se), (None, None));
+    let two = summarise(Method::Tpo, &[run(0.4), run(0.2)]);
+    let se = two.error_se.unwrap();
+    // Values 0.4 and 0.2: sample s.d. sqrt(0.02), s.e. sqrt(0.02 / 2) = 0.1.
+    assert!((se[0] - 0.1).abs() < 1e-15 && (se[1] - 0.05).abs() < 1e-15, "{se:?}");
+    assert_eq!(two.misalignment_se, Some(vec![0.0, 0.0]));
+    // Through the runner too.
+    let single = SingleConfig { seeds: 1, steps: 3, ..SingleConfig::default() };
+    let curves =
+        run_all(&SINGLE_METHODS, 1, 1, &|m, k| single_run(&single, m, k, &CpuBackend), &|| {}).unwrap();
+    assert!(curves.iter().all(|c| c.error_se.is_none() && c.misalignment_se.is_none()));
 }

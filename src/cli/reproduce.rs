@@ -1,7 +1,7 @@
 //! `tpo reproduce tabular`: the paper's tabular bandit experiments with this library.
 
 use super::output::{self, Policy, Scratch};
-use super::plot::{self, Figure};
+use super::plot::{self, seeds_text, Figure};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
@@ -104,10 +104,19 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         run_all(&SINGLE_METHODS, a.seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let single_steps: Vec<f64> = (0..single.steps).map(|t| t as f64).collect();
+    let single_config = json!({
+        "actions": single.actions,
+        "batch": single.batch,
+        "alpha": single.alpha,
+        "eta": single.eta,
+        "steps": single.steps,
+        "seeds": single.seeds,
+        "seed": single.seed,
+    });
     write_json(
         &a.out.join("tabular_single.json"),
         &policy,
-        &single,
+        single_config,
         &single_steps,
         &single_curves,
         "before",
@@ -118,18 +127,19 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         &policy,
         &Figure {
             title: &format!(
-                "Single context (A = {}, B = {}, α = {}, {} seeds, TPO on {})",
+                "Single context (A = {}, B = {}, α = {}, {}, TPO on {})",
                 single.actions,
                 single.batch,
                 single.alpha,
-                single.seeds,
+                seeds_text(single.seeds),
                 be.name()
             ),
             steps: &single_steps,
             curves: &single_curves,
-            x_label: "step",
+            seeds: single.seeds,
+            x_label: "step (error measured before it)",
             error_label: "error 1 − π(y*)",
-            misalignment_label: "1 − cos(g, g*_PG)",
+            misalignment_label: "1 − cos(g, g*_{PG})",
         },
     )?;
 
@@ -139,37 +149,59 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         run_all(&MULTI_METHODS, a.seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let multi_steps: Vec<f64> = (1..=multi.steps).map(|t| t as f64).collect();
-    write_json(&a.out.join("tabular_multi.json"), &policy, &multi, &multi_steps, &multi_curves, "after")?;
+    let multi_config = json!({
+        "contexts": multi.contexts,
+        "actions": multi.actions,
+        "alpha": multi.alpha,
+        "eta": multi.eta,
+        "steps": multi.steps,
+        "seeds": multi.seeds,
+        "seed": multi.seed,
+    });
+    write_json(
+        &a.out.join("tabular_multi.json"),
+        &policy,
+        multi_config,
+        &multi_steps,
+        &multi_curves,
+        "after",
+    )?;
     draw(
         &a.out,
         "tabular_multi",
         &policy,
         &Figure {
             title: &format!(
-                "Multi context (N = {}, A = {}, α = {}, {} seeds, exact updates, TPO on {})",
+                "Multi context (N = {}, A = {}, α = {}, {}, exact updates, TPO on {})",
                 multi.contexts,
                 multi.actions,
                 multi.alpha,
-                multi.seeds,
+                seeds_text(multi.seeds),
                 be.name()
             ),
             steps: &multi_steps,
             curves: &multi_curves,
-            x_label: "step",
+            seeds: multi.seeds,
+            x_label: "step (error measured after it)",
             error_label: "mean error 1 − π(y)",
-            misalignment_label: "1 − cos(g, g_CE)",
+            misalignment_label: "1 − cos(g, g_{CE})",
         },
     )?;
 
-    println!("Single context: error 1 − π(y*) before the step (misalignment to g*_PG in brackets)");
+    let over = if a.seeds >= 2 {
+        format!("means over {}", seeds_text(a.seeds))
+    } else {
+        "1 seed: no standard errors (null in the JSON)".to_string()
+    };
+    println!("Single context: error 1 − π(y*) before the step (misalignment to g*_PG in brackets), {over}");
     table(&single_curves, &single_steps, &[0, 25, 50, 100]);
     println!();
-    println!("Multi context: mean error 1 − π(y) after the step (misalignment to g_CE in brackets)");
+    println!("Multi context: mean error 1 − π(y) after the step (misalignment to g_CE in brackets), {over}");
     table(&multi_curves, &multi_steps, &[1, 10, 100, 500]);
     println!();
     println!(
-        "{} seeds, TPO on {}, {} threads, {:.1} s; wrote {}/tabular_{{single,multi}}.{{json,png,svg}}",
-        a.seeds,
+        "{}, TPO on {}, {} threads, {:.1} s; wrote {}/tabular_{{single,multi}}.{{json,png,svg}}",
+        seeds_text(a.seeds),
         be.name(),
         threads,
         t0.elapsed().as_secs_f64(),
@@ -251,10 +283,10 @@ fn table(curves: &[MethodCurves], steps: &[f64], at: &[usize]) {
     }
 }
 
-fn write_json<C: serde::Serialize>(
+fn write_json(
     path: &Path,
     policy: &Policy,
-    cfg: &C,
+    mut config: Value,
     steps: &[f64],
     curves: &[MethodCurves],
     when: &str,
@@ -271,12 +303,17 @@ fn write_json<C: serde::Serialize>(
             }),
         );
     }
-    let mut config = serde_json::to_value(cfg).map_err(|e| e.to_string())?;
     if let Value::Object(o) = &mut config {
         o.insert("error_measured".into(), Value::String(format!("{when} each step")));
     }
     let steps: Vec<u64> = steps.iter().map(|&s| s as u64).collect();
-    let doc = json!({ "config": config, "steps": steps, "methods": methods });
+    let doc = json!({
+        "config": config,
+        "statistics": "*_mean: mean over seeds; *_se: standard error of that mean (sample standard \
+                       deviation over seeds / sqrt(seeds)), null with 1 seed, which has none",
+        "steps": steps,
+        "methods": methods,
+    });
     let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
     output::write(path, policy, text.as_bytes())
 }

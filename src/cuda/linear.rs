@@ -1,7 +1,7 @@
 //! TPO from hidden states and the lm_head without materialising the logits.
 //!
 //! The schedule (which GEMMs and kernels run on which parts of which buffers) is
-//! [`crate::linear_plan`]'s, tested on the host in CI; this module turns its steps into cuBLAS
+//! `linear_plan`'s (src/linear_plan.rs, internal), tested on the host in CI; this module turns its steps into cuBLAS
 //! calls and kernel launches. In short: the forward computes the logits `z = h W^T` chunk by chunk
 //! into a bf16 workspace, one GEMM of [`GEMM_TILE`] rows at a time, and reduces each chunk to
 //! log-probs (keeping the row max and log-sum); after the sequence sums and the group loss, the

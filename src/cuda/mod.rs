@@ -260,6 +260,7 @@ pub struct CudaTpo {
     kernels: std::collections::HashMap<KernelKey, CudaFunction>,
     reduce: CudaFunction,
     sm_count: u32,
+    /// Whether NVTX ranges are emitted (feature `nvtx` and libnvToolsExt loadable).
     nvtx: bool,
 }
 
@@ -268,6 +269,7 @@ impl std::fmt::Debug for CudaTpo {
         f.debug_struct("CudaTpo")
             .field("device", &self.ctx.ordinal())
             .field("sm_count", &self.sm_count)
+            .field("nvtx", &self.nvtx)
             .finish()
     }
 }
@@ -283,8 +285,7 @@ impl CudaTpo {
     /// the embedded PTX. The context's cross-stream event tracking is turned off: every buffer
     /// passed to this backend must be used on [`stream`](Self::stream) (or synchronised with it).
     pub fn new(ordinal: usize) -> Result<Self> {
-        // SAFETY: only probes whether the driver library can be loaded; loads nothing else.
-        if !unsafe { sys::is_culib_present() } {
+        if !library_present(&["cuda", "nvcuda"]) {
             return Err(TpoError::Cuda(
                 "no NVIDIA driver found (libcuda.so could not be loaded): this machine cannot run the \
                  CUDA backend; use the CPU reference instead"
@@ -357,8 +358,8 @@ impl CudaTpo {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| cuda_err("cannot query the GPU", e))? as u32;
-        // SAFETY: only probes whether libnvToolsExt can be loaded; without it no range is emitted.
-        let nvtx = unsafe { cudarc::nvtx::sys::is_culib_present() };
+        // Without libnvToolsExt (or the `nvtx` feature) no range is emitted.
+        let nvtx = cfg!(feature = "nvtx") && library_present(&["nvToolsExt"]);
         Ok(Self { ctx, stream, kernels, reduce, sm_count, nvtx })
     }
 
@@ -678,8 +679,14 @@ impl CudaTpo {
         check_rows(out.stats.as_ref(), rows, l.num_groups())
     }
 
+    #[cfg(feature = "nvtx")]
     fn range(&self, name: &str) -> Option<cudarc::nvtx::Range> {
         self.nvtx.then(|| cudarc::nvtx::scoped_range(name))
+    }
+
+    #[cfg(not(feature = "nvtx"))]
+    fn range(&self, _name: &str) -> Option<()> {
+        None
     }
 
     fn reset(&self, status: &mut DeviceStatus) -> Result<()> {
@@ -776,9 +783,53 @@ fn check_rows(stats: Option<&CudaSlice<f32>>, rows: usize, b: usize) -> Result<(
     }
 }
 
+/// The names under which cudarc looks for CUDA library `lib` when it loads it at run time
+/// (cudarc 0.19's `get_lib_name_candidates`, for the CUDA version it was built for). That function
+/// exists only when cudarc loads libraries itself, not when the final binary links them (its
+/// `dynamic-linking`, which candle's `cuda` feature asks for), so tpo, which must build either
+/// way, rebuilds the list.
+fn lib_candidates(lib: &str) -> Vec<String> {
+    use std::env::consts::{DLL_PREFIX as P, DLL_SUFFIX as S};
+    let w = usize::BITS;
+    let (major, minor) = (sys::CUDA_VERSION / 1000, sys::CUDA_VERSION % 1000 / 10);
+    vec![
+        format!("{P}{lib}{S}"),
+        format!("{P}{lib}{w}{S}"),
+        format!("{P}{lib}{w}_{major}{S}"),
+        format!("{P}{lib}{w}_{major}{minor}{S}"),
+        format!("{P}{lib}{w}_{major}{minor}_0{S}"),
+        format!("{P}{lib}{w}_{major}0_{minor}{S}"),
+        format!("{P}{lib}{w}_10{S}"),
+        format!("{P}{lib}{w}_11{S}"),
+        format!("{P}{lib}{w}_12{S}"),
+        format!("{P}{lib}{w}_{major}0_0{S}"),
+        format!("{P}{lib}{w}_9{S}"),
+        format!("{P}{lib}{S}.{major}"),
+        format!("{P}{lib}{S}.12"),
+        format!("{P}{lib}{S}.11"),
+        format!("{P}{lib}{S}.10"),
+        format!("{P}{lib}{S}.9"),
+        format!("{P}{lib}{S}.1"),
+    ]
+}
+
+/// Whether one of the CUDA libraries `libs` can be loaded under a name cudarc would load it by,
+/// so that cudarc's first call into it finds it instead of panicking. When the binary links the
+/// library, it is already loaded and this is true.
+fn library_present(libs: &[&str]) -> bool {
+    libs.iter().flat_map(|l| lib_candidates(l)).any(|name| {
+        // SAFETY: loading a shared library runs its initialisers; these are the CUDA libraries'
+        // own, which cudarc would load on its first call anyway. No symbol is called, and the
+        // handle is dropped (the library stays loaded while cudarc holds its own handle).
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
+}
+
 /// [`TpoBackend`](crate::experiments::tabular::TpoBackend) for the tabular experiments on the GPU:
 /// each call uploads the logits (as f32), runs [`CudaTpo::target_and_fit`] on-policy with the sum
-/// reduction, checks the status and downloads the gradient.
+/// reduction, checks the status and downloads the gradient. Internal, like `experiments` (used by
+/// `tpo reproduce --backend cuda` and the GPU suite).
+#[doc(hidden)]
 pub struct TabularCudaBackend {
     tpo: std::sync::Mutex<CudaTpo>,
 }
@@ -854,6 +905,26 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&n| n == 1));
+    }
+
+    /// The probe tries exactly the names cudarc loads by. tpo's own builds let cudarc load
+    /// libraries itself, so its list exists here to compare with.
+    #[test]
+    fn library_probe_uses_cudarc_names() {
+        for lib in ["cuda", "nvcuda", "nvToolsExt"] {
+            assert_eq!(lib_candidates(lib), cudarc::get_lib_name_candidates(lib), "{lib}");
+        }
+    }
+
+    /// Without a driver library, opening a device is one clear line, not a panic. (Skipped where
+    /// a driver, real or emulated, can be loaded.)
+    #[test]
+    fn no_driver_is_a_one_line_error() {
+        if library_present(&["cuda", "nvcuda"]) {
+            return;
+        }
+        let e = CudaTpo::new(0).unwrap_err().to_string();
+        assert!(e.contains("no NVIDIA driver found") && !e.contains('\n'), "{e}");
     }
 
     /// Every key names an entry point of the embedded PTX (no GPU needed).

@@ -88,7 +88,7 @@ impl TpoBackend for CpuBackend {
 }
 
 /// Configuration of the single-context experiment (defaults are the paper's).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SingleConfig {
     /// Number of actions `A` (100).
     pub actions: usize,
@@ -113,7 +113,7 @@ impl Default for SingleConfig {
 }
 
 /// Configuration of the multi-context experiment (defaults are the paper's).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MultiConfig {
     /// Number of contexts `N` (100).
     pub contexts: usize,
@@ -147,19 +147,19 @@ pub struct Run {
 }
 
 /// A method's curves averaged over seeds: means and standard errors (sample standard
-/// deviation over seeds divided by `sqrt(seeds)`).
+/// deviation over seeds divided by `sqrt(seeds)`; `None` for a single seed, which has none).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MethodCurves {
     /// The method.
     pub method: Method,
     /// Mean error per step.
     pub error_mean: Vec<f64>,
-    /// Standard error of the error per step.
-    pub error_se: Vec<f64>,
+    /// Standard error of the error per step (`None` with one seed).
+    pub error_se: Option<Vec<f64>>,
     /// Mean misalignment per step.
     pub misalignment_mean: Vec<f64>,
-    /// Standard error of the misalignment per step.
-    pub misalignment_se: Vec<f64>,
+    /// Standard error of the misalignment per step (`None` with one seed).
+    pub misalignment_se: Option<Vec<f64>>,
 }
 
 impl MethodCurves {
@@ -343,24 +343,23 @@ pub fn multi_run(cfg: &MultiConfig, method: Method, run: usize, backend: &dyn Tp
     Ok(out)
 }
 
-/// Mean and standard error over runs, per step.
+/// Mean and standard error over runs, per step. The standard error needs two runs at least:
+/// with one it is `None` (a sample of one has no spread to estimate), never a 0.
 pub fn summarise(method: Method, runs: &[Run]) -> MethodCurves {
-    let stat = |get: &dyn Fn(&Run) -> &Vec<f64>| -> (Vec<f64>, Vec<f64>) {
+    let stat = |get: &dyn Fn(&Run) -> &Vec<f64>| -> (Vec<f64>, Option<Vec<f64>>) {
         let steps = runs.first().map_or(0, |r| get(r).len());
         let k = runs.len() as f64;
-        let mut mean = vec![0.0; steps];
-        let mut se = vec![0.0; steps];
-        for t in 0..steps {
-            let m = runs.iter().map(|r| get(r)[t]).sum::<f64>() / k;
-            let var = if runs.len() > 1 {
-                runs.iter().map(|r| (get(r)[t] - m).powi(2)).sum::<f64>() / (k - 1.0)
-            } else {
-                0.0
-            };
-            mean[t] = m;
-            se[t] = (var / k).sqrt();
+        let mean: Vec<f64> = (0..steps).map(|t| runs.iter().map(|r| get(r)[t]).sum::<f64>() / k).collect();
+        if runs.len() < 2 {
+            return (mean, None);
         }
-        (mean, se)
+        let se = (0..steps)
+            .map(|t| {
+                let var = runs.iter().map(|r| (get(r)[t] - mean[t]).powi(2)).sum::<f64>() / (k - 1.0);
+                (var / k).sqrt()
+            })
+            .collect();
+        (mean, Some(se))
     };
     let (error_mean, error_se) = stat(&|r| &r.error);
     let (misalignment_mean, misalignment_se) = stat(&|r| &r.misalignment);
