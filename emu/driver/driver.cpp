@@ -5,8 +5,8 @@
 //   driver version TPO_EMU_CUDA_VERSION (default 13000), with the attributes of an H100 SXM.
 // * Device memory is host memory: every allocation is exactly the requested size, 256-byte
 //   aligned (posix_memalign), filled with the poison byte 0xFF (all-ones: a NaN in f32, bf16 and
-//   f16, -1 in signed integers) and given back to the allocator on free, so AddressSanitizer sees
-//   overflows and use after free. Device pointers are the host addresses. Allocations are
+//   f16, -1 in signed integers; under valgrind, built with TPO_EMU_VALGRIND, also marked undefined)
+//   and given back to the allocator on free, so AddressSanitizer sees overflows and use after free. Device pointers are the host addresses. Allocations are
 //   tracked per context; every copy and memset checks that its device range lies inside one live
 //   allocation of the current context (CUDA_ERROR_INVALID_VALUE otherwise, like the driver).
 // * Streams are in-order queues executed at enqueue time: every call completes before it
@@ -40,6 +40,13 @@
 
 #include "../engine.h"
 #include "driver.h"
+
+#if defined(TPO_EMU_VALGRIND) && __has_include(<valgrind/memcheck.h>)
+#include <valgrind/memcheck.h>
+#define EMU_MARK_UNDEFINED(p, n) VALGRIND_MAKE_MEM_UNDEFINED(p, n)
+#else
+#define EMU_MARK_UNDEFINED(p, n) ((void)(p), (void)(n))
+#endif
 
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -560,6 +567,9 @@ CUresult do_alloc(CUdeviceptr* dptr, size_t bytes) {
     if (posix_memalign(&p, 256, bytes) != 0 || !p)
         return fail(CUDA_ERROR_OUT_OF_MEMORY, "host allocation of %zu bytes failed", bytes);
     memset(p, POISON, bytes);
+    // initcheck (valgrind): the poison counts as never written, so a read of it that decides
+    // anything is reported.
+    EMU_MARK_UNDEFINED(p, bytes);
     g_allocs[reinterpret_cast<uintptr_t>(p)] = Alloc{bytes, ctx};
     g_allocated += bytes;
     *dptr = reinterpret_cast<uintptr_t>(p);
@@ -778,7 +788,7 @@ EXPORT CUresult cuEventCreate(CUevent* pe, unsigned flags) {
     if (CUresult r = current(&ctx)) return r;
     if (!pe) return CUDA_ERROR_INVALID_VALUE;
     if (flags & ~0xFu) return fail(CUDA_ERROR_INVALID_VALUE, "cuEventCreate flags 0x%x", flags);
-    EmuEvent* e = new EmuEvent{ctx, flags};
+    EmuEvent* e = new EmuEvent{ctx, flags, false, {}};
     g_events.insert(e);
     *pe = e;
     return CUDA_SUCCESS;
