@@ -9,7 +9,8 @@
 #   (unset)    the emulator's own tests (emu/driver), the whole GPU suite at the emulated sizes
 #              (TPO_GPU_TEST_SCALE=emulated), `tpo eval --backend cuda` on the example rollout,
 #              `tpo reproduce tabular --backend cuda` checked against the CPU run, and the CUDA
-#              benchmarks' calls once each (criterion --test: launch, status check);
+#              benchmarks' calls once each (criterion --test: launch, status check) but the
+#              262144x64 shape;
 #   memcheck   AddressSanitizer + UBSan over the emulated memory and the host-built kernels
 #              (out of bounds, use after free, misaligned accesses), on a subset;
 #   racecheck  ThreadSanitizer on the OS-thread engine (shared/global races between barriers);
@@ -83,18 +84,27 @@ run_suite() {
       ;;
   esac
 }
+# Every step runs even when an earlier one failed; the script fails at the end if any did.
+failed=()
+finish() {
+  if [ ${#failed[@]} -gt 0 ]; then
+    say "FAILED: ${failed[*]}"
+    exit 1
+  fi
+  say "all steps passed"
+  exit 0
+}
 say "the GPU suite (tests/gpu.rs)"
-run_suite
+run_suite || failed+=("tests/gpu.rs")
 
 if [ "$mode" != default ] || [ ${#args[@]} -gt 0 ]; then
-  say "done"
-  exit 0
+  finish
 fi
 
 cargo build --release --features cuda --bin tpo -q
 tpo="$root/target/release/tpo"
 say "tpo eval --backend cuda (examples/data/rollout.safetensors)"
-eval_out="$("$tpo" eval examples/data/rollout.safetensors --backend cuda)"
+eval_out="$("$tpo" eval examples/data/rollout.safetensors --backend cuda)" || failed+=("tpo eval")
 echo "$eval_out"
 echo "$eval_out" | python3 -c '
 import re, sys
@@ -103,18 +113,19 @@ m = re.search(r"loss ([0-9.e+-]+), group_loss ([0-9.e+-]+), target ([0-9.e+-]+),
 if not m:
     sys.exit("tpo eval --backend cuda printed no comparison with the reference")
 worst = max(float(x) for x in m.groups())
-# f32 kernels against the f64 reference on this file: differences of order 1e-7 .. 1e-5.
-if not worst <= 1e-4:
-    sys.exit(f"tpo eval --backend cuda: largest difference {worst:.3e} from the reference (> 1e-4)")
-print(f"eval: largest difference from the reference {worst:.3e} (bound 1e-4)")
-'
+# f32 kernels against the f64 reference on this file (values of order 0.1 .. 1): differences
+# of order 1e-8 .. 1e-7.
+if not worst <= 1e-5:
+    sys.exit(f"tpo eval --backend cuda: largest difference {worst:.3e} from the reference (> 1e-5)")
+print(f"eval: largest difference from the reference {worst:.3e} (bound 1e-5)")
+' || failed+=("tpo eval --backend cuda")
 
 say "tpo reproduce tabular --backend cuda against the CPU run"
 rep="$emu/reproduce"
 rm -rf "$rep"
-"$tpo" reproduce tabular --seeds 2 --steps 20 --backend cpu --out "$rep/cpu" >/dev/null
-"$tpo" reproduce tabular --seeds 2 --steps 20 --backend cuda --out "$rep/cuda" >/dev/null
-python3 - "$rep/cpu" "$rep/cuda" <<'EOF'
+if "$tpo" reproduce tabular --seeds 2 --steps 20 --backend cpu --out "$rep/cpu" >/dev/null &&
+  "$tpo" reproduce tabular --seeds 2 --steps 20 --backend cuda --out "$rep/cuda" >/dev/null; then
+  python3 - "$rep/cpu" "$rep/cuda" <<'EOF' || failed+=("tpo reproduce tabular --backend cuda")
 import json, math, sys
 cpu_dir, cuda_dir = sys.argv[1], sys.argv[2]
 def leaves(x, path=""):
@@ -145,7 +156,14 @@ if not worst[0] <= 1e-3:
     sys.exit(f"reproduce: CUDA run differs from the CPU run by {worst[0]:.3e} (relative, > 1e-3) at {worst[1]}")
 print(f"reproduce: CUDA curves match the CPU run (largest relative difference {worst[0]:.3e}, bound 1e-3)")
 EOF
+else
+  failed+=("tpo reproduce tabular")
+fi
 
-say "the CUDA benchmarks' calls, once each (cargo bench --bench cuda -- --test)"
-cargo bench --features cuda --bench cuda -- --test
-say "done"
+# benches/cuda.rs has no correctness part of its own beyond its status check: criterion's --test
+# runs each benchmark's calls once, launch and check. The 262144x64 shape (16.7M members) is left
+# to the GPU suite's benchmark_shape_262144_by_64 at the emulated size.
+say "the CUDA benchmarks' calls, once each (cargo bench --bench cuda -- --test), but 262144x64"
+cargo bench --features cuda --bench cuda -- --test 'fwd_bwd/(64x8|1024x16|16384x16|8x100000)$' ||
+  failed+=("benches/cuda.rs")
+finish

@@ -20,6 +20,13 @@ build() {  # OUTDIR LDFLAGS ENGINE...
   local out="$1" ld="$2"
   shift 2
   mkdir -p "$out"
+  # Rebuild only when a source, the engine, the compiler or a flag changed.
+  local stamp
+  stamp="$( ("$cxx" --version | head -n 1; echo "${flags[*]} ${extra[*]} $ld $*"; cat "$here"/*.cpp "$here"/*.h "$here/../engine.h"; for f in "$@"; do [ ! -f "$f" ] || cat "$f"; done) | sha256sum | cut -d' ' -f1)"
+  if [ -f "$out/libcuda.so.1" ] && [ -f "$out/libcublas.so.13" ] && [ "$(cat "$out/.stamp" 2>/dev/null)" = "$stamp" ]; then
+    return 0
+  fi
+  rm -f "$out/.stamp"
   # shellcheck disable=SC2086
   "$cxx" "${flags[@]}" "${extra[@]}" -shared -Wl,-soname,libcuda.so.1 -o "$out/libcuda.so.1.tmp" \
     "$here/driver.cpp" "$here/loader.cpp" "$@" $ld -lpthread
@@ -30,6 +37,7 @@ build() {  # OUTDIR LDFLAGS ENGINE...
     "$here/cublas.cpp" -L"$out" -l:libcuda.so.1 -Wl,-rpath,'$ORIGIN' $ld -lpthread
   mv "$out/libcublas.so.13.tmp" "$out/libcublas.so.13"
   ln -sf libcublas.so.13 "$out/libcublas.so"
+  echo "$stamp" >"$out/.stamp"
 }
 
 if [ "${1:-}" = test ]; then
@@ -37,8 +45,12 @@ if [ "${1:-}" = test ]; then
   build "$out" "" "$here/tests/test_engine.cpp"
   "$cxx" "${flags[@]}" "${extra[@]}" -o "$out/driver_test" "$here/tests/driver_test.cpp" \
     -L"$out" -l:libcuda.so.1 -l:libcublas.so.13 -Wl,-rpath,"$out"
-  "$out/driver_test"
-  exit
+  # The expected errors' one-line messages go to a log, shown when a test fails.
+  if "$out/driver_test" 2>"$out/driver_test.stderr"; then
+    exit 0
+  fi
+  cat "$out/driver_test.stderr" >&2
+  exit 1
 fi
 [ $# -eq 2 ] || { echo "usage: build.sh OUTDIR ENGINE_DIR | build.sh test OUTDIR" >&2; exit 2; }
 out="$1"
