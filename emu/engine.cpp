@@ -663,6 +663,11 @@ struct FiberBlock : Block {
             // Stack tops staggered by a multiple of 64 bytes: at one stride, every fiber's hot frame
             // would fall in the same cache sets (the stride is a multiple of 4 KiB).
             char* top = lo + stacks.per - (size_t)((i * 1088u) % 16384u);
+#ifdef TPO_EMU_ASAN
+            // The frames of the previous fiber's entry and exit path never returned: clear their
+            // redzones (a failed block's deeper frames are cleared whole, see stacks.dirty).
+            __asan_unpoison_memory_region(top - 8192, 8192);
+#endif
             void** sp = (void**)(top - 72);  // see tpo_emu_swap: r15 r14 r13 r12 rbx rbp, return address
             sp[0] = nullptr;
             sp[1] = nullptr;
