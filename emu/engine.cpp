@@ -557,29 +557,31 @@ struct StackSet {
 
 struct RunQueue {
     std::vector<unsigned> buf;
-    size_t head = 0, count = 0, cap = 1;
+    size_t head = 0, count = 0, mask = 0;  // a ring of a power-of-two size
     Sched pol = Sched::Forward;
     std::mt19937_64 rng;
     void reset(size_t n, Sched p, uint64_t seed) {
-        cap = n + 1;
+        size_t cap = 1;
+        while (cap < n + 1) cap <<= 1;
         if (buf.size() < cap) buf.resize(cap);
+        mask = cap - 1;
         head = count = 0;
         pol = p;
-        rng.seed(seed);
+        if (p == Sched::Random) rng.seed(seed);
     }
-    void push(unsigned x) { buf[(head + count++) % cap] = x; }
+    void push(unsigned x) { buf[(head + count++) & mask] = x; }
     bool pop(unsigned& x) {
         if (!count) return false;
         if (pol == Sched::Reverse) {
-            x = buf[(head + --count) % cap];
+            x = buf[(head + --count) & mask];
             return true;
         }
         if (pol == Sched::Random) {
-            const size_t k = (head + rng() % count) % cap;
+            const size_t k = (head + rng() % count) & mask;
             std::swap(buf[k], buf[head]);
         }
         x = buf[head];
-        head = (head + 1) % cap;
+        head = (head + 1) & mask;
         count--;
         return true;
     }
@@ -658,7 +660,14 @@ struct FiberBlock : Block {
         for (unsigned i = 0; i < n; i++) {
             Thread& t = th[i];
             char* lo = stacks.lo(i);
-            char* top = lo + stacks.per;
+            // Stack tops staggered by a multiple of 64 bytes: at one stride, every fiber's hot frame
+            // would fall in the same cache sets (the stride is a multiple of 4 KiB).
+            char* top = lo + stacks.per - (size_t)((i * 1088u) % 16384u);
+#ifdef TPO_EMU_ASAN
+            // The frames of the previous fiber's entry and exit path never returned: clear their
+            // redzones (a failed block's deeper frames are cleared whole, see stacks.dirty).
+            __asan_unpoison_memory_region(top - 8192, 8192);
+#endif
             void** sp = (void**)(top - 72);  // see tpo_emu_swap: r15 r14 r13 r12 rbx rbp, return address
             sp[0] = nullptr;
             sp[1] = nullptr;
