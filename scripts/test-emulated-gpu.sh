@@ -120,6 +120,28 @@ if not worst <= 1e-5:
 print(f"eval: largest difference from the reference {worst:.3e} (bound 1e-5)")
 ' || failed+=("tpo eval --backend cuda")
 
+# The embedded fatbin (SASS sm_80 + sm_90, PTX compute_90) on other emulated devices and drivers:
+# an A100 runs its SASS, a newer GPU JITs the PTX, a Turing GPU has neither, and a CUDA 12.8
+# driver cannot JIT ISA 9.0 PTX (but runs the SASS where there is some).
+say "the embedded fatbin on other devices and drivers (TPO_EMU_SM, TPO_EMU_CUDA_VERSION)"
+fatbin_case() {  # SM CUDA_VERSION expect(ok|fail)
+  local out rc=0
+  out="$(TPO_EMU_SM="$1" TPO_EMU_CUDA_VERSION="$2" "$tpo" eval examples/data/rollout.safetensors --backend cuda 2>&1)" || rc=$?
+  if [ "$3" = ok ] && [ $rc -eq 0 ] && echo "$out" | grep -q "sm_$1"; then
+    echo "sm_$1, CUDA $2: loads, as expected"
+  elif [ "$3" = fail ] && [ $rc -ne 0 ] && echo "$out" | grep -q "cannot load the kernels"; then
+    echo "sm_$1, CUDA $2: refused, as expected: $(echo "$out" | grep -m1 "cannot load")"
+  else
+    echo "$out"
+    failed+=("fatbin on sm_$1 with CUDA $2 (expected: $3)")
+  fi
+}
+fatbin_case 80 13000 ok
+fatbin_case 100 13000 ok
+fatbin_case 90 12080 ok
+fatbin_case 100 12080 fail
+fatbin_case 75 13000 fail
+
 say "tpo reproduce tabular --backend cuda against the CPU run"
 rep="$emu/reproduce"
 rm -rf "$rep"
