@@ -35,7 +35,9 @@ fn main() {
         .split(',')
         .map(|a| {
             a.trim().trim_start_matches("sm_").trim_start_matches("compute_").parse().unwrap_or_else(|_| {
-                fail(&format!("TPO_CUDA_ARCH: `{a}` is not an architecture like sm_90 (comma-separated list)"))
+                fail(&format!(
+                    "TPO_CUDA_ARCH: `{a}` is not an architecture like sm_90 (comma-separated list)"
+                ))
             })
         })
         .collect();

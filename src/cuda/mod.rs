@@ -768,7 +768,10 @@ mod tests {
         for (stem, image) in kernels::FATBIN {
             let (ptx, sass) = fatbin_contents(image);
             assert_eq!(ptx.len(), 1, "{stem}: one PTX");
-            assert!(ptx[0].contains(".version 9.0") && ptx[0].contains(".target sm_90"), "{stem}: PTX header");
+            assert!(
+                ptx[0].contains(".version 9.0") && ptx[0].contains(".target sm_90"),
+                "{stem}: PTX header"
+            );
             if std::env::var_os("TPO_CUDA_ARCH").is_none() {
                 assert_eq!(sass, [80, 90], "{stem}: SASS architectures");
             }
