@@ -1,10 +1,13 @@
-//! Compiles every `kernels/*.cu` to PTX with nvcc when the `cuda` feature is on, and embeds it.
+//! Compiles every `kernels/*.cu` to a fatbin with nvcc when the `cuda` feature is on, and embeds it.
 //!
 //! * nvcc is taken from `NVCC`, else `$CUDA_HOME/bin/nvcc`, else `$CUDA_PATH/bin/nvcc`, else PATH.
-//! * The target is `TPO_CUDA_ARCH` (default `sm_90`, PTX that the H100's driver JIT-compiles);
-//!   extra flags can be given in `TPO_NVCC_FLAGS`.
-//! * ptxas' register and spill report for every kernel goes to `$OUT_DIR/ptxas-report.txt`
-//!   (a cargo warning names any kernel that spills).
+//! * The fatbin holds SASS for every architecture of `TPO_CUDA_ARCH` (comma-separated, default
+//!   `sm_80,sm_90`: A100 and H100 load it without a JIT, on any driver of the toolkit's major
+//!   version) plus PTX for the newest of them (`compute_90`), which newer GPUs JIT-compile. It is
+//!   uncompressed (`--no-compress`), so the emulated driver (emu/driver) can read the PTX inside.
+//!   Extra flags can be given in `TPO_NVCC_FLAGS`.
+//! * ptxas' register and spill report for every kernel and architecture goes to
+//!   `$OUT_DIR/ptxas-report.txt` (a cargo warning names any kernel that spills).
 //!
 //! Without the feature nothing CUDA is needed. On docs.rs (`DOCS_RS` set), which has no nvcc,
 //! no PTX is embedded: the documentation needs the Rust items only.
@@ -39,7 +42,18 @@ fn main() {
              PyPI, no GPU needed), or build without `--features cuda`.",
         )
     });
-    let arch = std::env::var("TPO_CUDA_ARCH").unwrap_or_else(|_| "sm_90".to_string());
+    let archs: Vec<u32> = std::env::var("TPO_CUDA_ARCH")
+        .unwrap_or_else(|_| "sm_80,sm_90".to_string())
+        .split(',')
+        .map(|a| {
+            a.trim().trim_start_matches("sm_").trim_start_matches("compute_").parse().unwrap_or_else(|_| {
+                fail(&format!(
+                    "TPO_CUDA_ARCH: `{a}` is not an architecture like sm_90 (comma-separated list)"
+                ))
+            })
+        })
+        .collect();
+    let newest = *archs.iter().max().expect("split yields at least one item");
     let home = nvcc.parent().and_then(Path::parent).map(Path::to_path_buf);
     let mut kernels: Vec<PathBuf> = std::fs::read_dir("kernels")
         .unwrap_or_else(|e| fail(&format!("cannot read kernels/: {e}")))
@@ -47,8 +61,10 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
         .collect();
     kernels.sort();
-    let mut embedded =
-        String::from("/// PTX of every kernel source, by file stem.\npub const PTX: &[(&str, &str)] = &[\n");
+    let mut embedded = String::from(
+        "/// The fatbin of every kernel source, by file stem: SASS for each architecture of `ARCH`, PTX\n\
+         /// for the newest.\npub const FATBIN: &[(&str, &[u8])] = &[\n",
+    );
     let mut report = String::new();
     for src in &kernels {
         println!("cargo:rerun-if-changed={}", src.display());
@@ -56,9 +72,14 @@ fn main() {
             continue;
         }
         let stem = src.file_stem().and_then(|s| s.to_str()).expect("kernel file names are UTF-8");
-        let ptx = out.join(format!("{stem}.ptx"));
+        let fatbin = out.join(format!("{stem}.fatbin"));
         let mut cmd = Command::new(&nvcc);
-        cmd.args(["--ptx", "-O3", "-lineinfo", "-std=c++17"]).arg(format!("-arch={arch}"));
+        // --resource-usage: ptxas' per-kernel report on stderr (without storing -v in the fatbin).
+        cmd.args(["-fatbin", "--no-compress", "--resource-usage", "-O3", "-lineinfo", "-std=c++17"]);
+        for a in &archs {
+            cmd.arg("-gencode").arg(format!("arch=compute_{a},code=sm_{a}"));
+        }
+        cmd.arg("-gencode").arg(format!("arch=compute_{newest},code=compute_{newest}"));
         if let Some(h) = &home {
             let cccl = h.join("include").join("cccl");
             if cccl.is_dir() {
@@ -68,14 +89,16 @@ fn main() {
         if let Ok(extra) = std::env::var("TPO_NVCC_FLAGS") {
             cmd.args(extra.split_whitespace());
         }
-        cmd.arg("-Ikernels").arg(src).arg("-o").arg(&ptx);
-        run(&mut cmd, &format!("nvcc on {}", src.display()));
-        embedded.push_str(&format!("    ({stem:?}, include_str!({:?})),\n", ptx.display().to_string()));
-        report.push_str(&ptxas_report(home.as_deref(), &ptx, &arch));
+        cmd.arg("-Ikernels").arg(src).arg("-o").arg(&fatbin);
+        let log = run(&mut cmd, &format!("nvcc on {}", src.display()));
+        embedded.push_str(&format!("    ({stem:?}, include_bytes!({:?})),\n", fatbin.display().to_string()));
+        report.push_str(&ptxas_report(&log));
     }
     embedded.push_str("];\n");
+    let arch_list: Vec<String> = archs.iter().map(|a| format!("sm_{a}")).collect();
     embedded.push_str(&format!(
-        "/// The architecture the PTX was built for.\npub const ARCH: &str = {arch:?};\n"
+        "/// The architectures of the embedded SASS, and of its PTX.\npub const ARCH: &str = {:?};\n",
+        format!("{} + compute_{newest}", arch_list.join(","))
     ));
     std::fs::write(out.join("kernels.rs"), embedded).expect("write kernels.rs");
     std::fs::write(out.join("ptxas-report.txt"), &report).expect("write ptxas-report.txt");
@@ -101,31 +124,28 @@ fn find_nvcc() -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join("nvcc")).find(|p| p.is_file())
 }
 
-/// Runs ptxas -v on `ptx` (when ptxas sits next to nvcc) and summarises registers and spills per
-/// kernel, one line each; lines of spilling kernels start with `SPILL`.
-fn ptxas_report(home: Option<&Path>, ptx: &Path, arch: &str) -> String {
-    let Some(ptxas) = home.map(|h| h.join("bin").join("ptxas")).filter(|p| p.is_file()) else {
-        return format!("# no ptxas next to nvcc: no report for {}\n", ptx.display());
-    };
-    // ptxas needs a real architecture.
-    let sm = arch.replace("compute_", "sm_");
-    let out =
-        Command::new(ptxas).arg(format!("-arch={sm}")).arg("-v").arg(ptx).arg("-o").arg("/dev/null").output();
-    let Ok(out) = out else { return format!("# ptxas failed to start for {}\n", ptx.display()) };
-    let text = String::from_utf8_lossy(&out.stderr);
+/// Summarises ptxas' resource report (nvcc --resource-usage) per kernel and architecture, one
+/// line each; lines of spilling kernels start with `SPILL`.
+fn ptxas_report(text: &str) -> String {
     let mut lines = Vec::new();
     let mut name = String::new();
     let mut spill = String::new();
     for l in text.lines() {
         if let Some(rest) = l.split("Compiling entry function '").nth(1) {
-            name = rest.split('\'').next().unwrap_or("").to_string();
+            let mut parts = rest.split('\'');
+            let kernel = parts.next().unwrap_or("");
+            let arch = parts.nth(1).unwrap_or("");
+            name = format!("{kernel} ({arch})");
         } else if l.contains("spill stores") {
             spill = l.trim().to_string();
-        } else if l.contains("Used") && l.contains("registers") {
+        } else if l.contains("Used") && l.contains("registers") && !name.is_empty() {
             let used = l.split("Used").nth(1).unwrap_or("").trim();
             let spills = !spill.contains(" 0 bytes spill stores, 0 bytes spill loads");
             lines.push(format!("{}{name}: used {used}; {spill}", if spills { "SPILL " } else { "" }));
         }
+    }
+    if lines.is_empty() {
+        return "# nvcc printed no ptxas resource report\n".to_string();
     }
     lines.sort();
     let mut s = lines.join("\n");
@@ -133,9 +153,12 @@ fn ptxas_report(home: Option<&Path>, ptx: &Path, arch: &str) -> String {
     s
 }
 
-fn run(cmd: &mut Command, what: &str) {
+/// Runs `cmd`, failing the build with its output on error; returns its stdout and stderr.
+fn run(cmd: &mut Command, what: &str) -> String {
     match cmd.output() {
-        Ok(o) if o.status.success() => {}
+        Ok(o) if o.status.success() => {
+            format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+        }
         Ok(o) => fail(&format!(
             "{what} failed ({}):\n{}{}",
             o.status,

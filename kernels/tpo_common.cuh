@@ -38,7 +38,10 @@ struct f16_t { unsigned short bits; };
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16_t x) { return __uint_as_float(((unsigned int)x.bits) << 16); }
-#ifndef TPO_HOST
+#if defined(TPO_EMU)
+// Emulated device (emu/cuda_shim.h): host equivalents of the PTX conversions, same rounding.
+__device__ __forceinline__ float to_f32(f16_t x) { return tpo_emu::cvt_f32_f16(x.bits); }
+#elif !defined(TPO_HOST)
 __device__ __forceinline__ float to_f32(f16_t x) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
@@ -50,7 +53,10 @@ inline float to_f32(f16_t x) { _Float16 h; std::memcpy(&h, &x.bits, 2); return (
 
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-#ifndef TPO_HOST
+#if defined(TPO_EMU)
+template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) { return bf16_t{tpo_emu::cvt_rn_bf16_f32(x)}; }
+template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float x) { return f16_t{tpo_emu::cvt_rn_f16_f32(x)}; }
+#elif !defined(TPO_HOST)
 template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
     bf16_t r;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));

@@ -42,8 +42,30 @@ mod tokens;
 pub use linear::{FusedLinear, LinearOutputs, GEMM_TILE};
 pub use tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers, PathAlloc, TokenBuffers};
 
-/// The architecture the embedded PTX targets (`TPO_CUDA_ARCH` at build time).
+/// The architectures of the embedded kernels (`TPO_CUDA_ARCH` at build time): a fatbin with SASS
+/// for each listed architecture and PTX for the newest, which newer GPUs JIT-compile, e.g.
+/// `"sm_80,sm_90 + compute_90"`.
 pub const PTX_ARCH: &str = kernels::ARCH;
+
+/// The embedded fatbin of one kernel source file.
+fn fatbin(stem: &str) -> &'static [u8] {
+    kernels::FATBIN.iter().find(|(n, _)| *n == stem).map(|(_, b)| *b).expect("every kernels/*.cu is embedded")
+}
+
+/// Loads one embedded fatbin, with a clear error when the driver can run none of its images.
+fn load_fatbin(ctx: &Arc<CudaContext>, stem: &str) -> Result<Arc<cudarc::driver::CudaModule>> {
+    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(fatbin(stem).to_vec())).map_err(|e| match e.0 {
+        sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION | sys::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU => {
+            TpoError::Cuda(format!(
+                "the driver cannot load the kernels of {stem}.cu ({PTX_ARCH}): this GPU has no embedded SASS \
+                 and its driver is older than the CUDA toolkit that built the PTX; rebuild with the GPU's \
+                 architecture in TPO_CUDA_ARCH, or with an nvcc no newer than the driver's CUDA version \
+                 (scripts/install-nvcc.sh pins 13.0), or update the driver ({e:?})"
+            ))
+        }
+        _ => cuda_err(&format!("cannot load the kernels of {stem}.cu"), e),
+    })
+}
 
 /// Largest group handled a warp per group; larger groups get a block each.
 pub const WARP_MAX_GROUP: usize = 256;
@@ -313,30 +335,11 @@ impl CudaTpo {
     /// launches in that tracking: order other streams against this one yourself.
     pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
         let ctx = stream.context().clone();
-        let ptx =
-            kernels::PTX.iter().find(|(n, _)| *n == "tpo").map(|(_, p)| *p).expect("tpo.cu is embedded");
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| {
-            if e.0 == sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
-                TpoError::Cuda(format!(
-                    "the driver cannot load the kernels' PTX ({PTX_ARCH}): it was built by a CUDA toolkit \
-                     newer than this driver supports; rebuild with an nvcc no newer than the driver's CUDA \
-                     version (scripts/install-nvcc.sh pins 13.0) or update the driver"
-                ))
-            } else {
-                cuda_err("cannot load the TPO kernels", e)
-            }
-        })?;
+        let module = load_fatbin(&ctx, "tpo")?;
         let reduce = module.load_function("tpo_reduce_loss").map_err(|e| cuda_err("missing kernel", e))?;
         // Look every entry point up once, so launches do no name lookups.
         let mut kernels = std::collections::HashMap::new();
-        let tok_ptx = kernels::PTX
-            .iter()
-            .find(|(n, _)| *n == "tokens")
-            .map(|(_, p)| *p)
-            .expect("tokens.cu is embedded");
-        let tok_module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(tok_ptx))
-            .map_err(|e| cuda_err("cannot load the token kernels", e))?;
+        let tok_module = load_fatbin(&ctx, "tokens")?;
         let types = ["f32", "bf16", "f16"];
         let mut group_keys = Vec::new();
         for path in ["warp", "block"] {
@@ -927,10 +930,51 @@ mod tests {
         assert!(e.contains("no NVIDIA driver found") && !e.contains('\n'), "{e}");
     }
 
-    /// Every key names an entry point of the embedded PTX (no GPU needed).
+    /// The PTX texts inside a fatbin (uncompressed; layout in emu/driver/loader.cpp), with the
+    /// architectures of its SASS images.
+    fn fatbin_contents(image: &[u8]) -> (Vec<String>, Vec<u32>) {
+        let u16_at = |o: usize| usize::from(u16::from_le_bytes([image[o], image[o + 1]]));
+        let u32_at = |o: usize| u32::from_le_bytes(image[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(image[o..o + 8].try_into().unwrap()) as usize;
+        assert_eq!(u32_at(0), 0xBA55_ED50, "not a fatbin");
+        let (mut o, mut ptx, mut sass) = (u16_at(6), Vec::new(), Vec::new());
+        let end = o + u64_at(8);
+        while o < end {
+            let (kind, header, size, arch, flags) =
+                (u16_at(o), u32_at(o + 4) as usize, u64_at(o + 8), u32_at(o + 28), u64_at(o + 40));
+            assert_eq!(flags & 0x2000, 0, "compressed fatbin entry");
+            let payload = &image[o + header..o + header + size];
+            if kind == 1 {
+                ptx.push(String::from_utf8_lossy(payload).trim_end_matches('\0').to_string());
+            } else {
+                sass.push(arch);
+            }
+            o += header + size;
+        }
+        (ptx, sass)
+    }
+
+    /// Each fatbin holds SASS for sm_80 and sm_90 (the default TPO_CUDA_ARCH) and PTX for
+    /// compute_90 at ISA 9.0 (no GPU needed).
+    #[test]
+    fn fatbins_hold_sass_for_each_architecture_and_ptx() {
+        for (stem, image) in kernels::FATBIN {
+            let (ptx, sass) = fatbin_contents(image);
+            assert_eq!(ptx.len(), 1, "{stem}: one PTX");
+            assert!(
+                ptx[0].contains(".version 9.0") && ptx[0].contains(".target sm_90"),
+                "{stem}: PTX header"
+            );
+            if std::env::var_os("TPO_CUDA_ARCH").is_none() {
+                assert_eq!(sass, [80, 90], "{stem}: SASS architectures");
+            }
+        }
+    }
+
+    /// Every key names an entry point of the PTX inside the embedded fatbins (no GPU needed).
     #[test]
     fn kernel_keys_name_the_ptx_entry_points() {
-        let all: String = kernels::PTX.iter().map(|(_, p)| *p).collect();
+        let all: String = kernels::FATBIN.iter().flat_map(|(_, f)| fatbin_contents(f).0).collect();
         let mut keys = tokens::KERNEL_KEYS.to_vec();
         keys.push(KernelKey::new("fused", "block", "bf16", "f16"));
         keys.push(KernelKey::new("target", "warp", "f32", ""));
