@@ -11,7 +11,7 @@ CXX=${CXX:-g++}
 # The one place where each mode's flags are defined.
 flags_for() {
     case $1 in
-    default) echo "-O2" ;;
+    default) echo "-O2 -mtls-dialect=gnu2" ;;  # TLS descriptors: cheap threadIdx/__shared__ in a dlopen()ed library
     memcheck) echo "-O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all -DTPO_EMU_ASAN" ;;
     racecheck) echo "-O1 -fsanitize=thread -DTPO_EMU_TSAN -DTPO_EMU_SHARED_STATIC" ;;
     initcheck) echo "-O1 -DTPO_EMU_VALGRIND" ;;
