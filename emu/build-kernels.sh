@@ -11,7 +11,7 @@ CXX=${CXX:-g++}
 # The one place where each mode's flags are defined.
 flags_for() {
     case $1 in
-    default) echo "-O2" ;;
+    default) echo "-O2 -mtls-dialect=gnu2" ;;  # TLS descriptors: cheap threadIdx/__shared__ in a dlopen()ed library
     memcheck) echo "-O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all -DTPO_EMU_ASAN" ;;
     racecheck) echo "-O1 -fsanitize=thread -DTPO_EMU_TSAN -DTPO_EMU_SHARED_STATIC" ;;
     initcheck) echo "-O1 -DTPO_EMU_VALGRIND" ;;
@@ -32,7 +32,7 @@ preload_for() {
     *) echo "" ;;
     esac
 }
-common="-std=c++17 -fPIC -g -pthread -ffp-contract=off -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas -Wno-sign-compare -fmacro-prefix-map=$root/="
+common="-std=c++17 -fPIC -g -pthread -ffp-contract=off -fno-strict-aliasing -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas -Wno-sign-compare -fmacro-prefix-map=$root/="
 
 if [ "${1:-}" = "--print-cxxflags" ]; then
     echo "$common $(flags_for "${2:?mode}")"
@@ -44,6 +44,11 @@ mflags=$(flags_for "$mode")
 cxxflags="$common $mflags"
 mkdir -p "$out/gen" "$out/obj"
 out=$(cd "$out" && pwd)
+# One build at a time per OUTDIR (parallel cargo build scripts or test runs may share it).
+if command -v flock >/dev/null; then
+    exec 9>"$out/.lock"
+    flock 9
+fi
 
 kernels=("$root"/kernels/*.cu)
 bash "$root/emu/gen_registry.sh" "$CXX" "$out/gen" "${kernels[@]}"

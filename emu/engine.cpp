@@ -260,6 +260,9 @@ struct Block {
     // t waits until another thread wakes it (t->wait back to RUNNING).
     virtual void park(Thread* t, std::unique_lock<std::mutex>& lk) = 0;
     virtual void wake(Thread* t) = 0;
+    // Wakes t to run before the threads already runnable (the lanes of a warp whose operation
+    // completed: they go on while their stacks are in cache).
+    virtual void wake_soon(Thread* t) { wake(t); }
     // t may give way to another runnable thread (random schedules).
     virtual void yield(Thread* t) {}
     [[noreturn]] virtual void fail_now(Thread* t, std::unique_lock<std::mutex>& lk) = 0;
@@ -488,10 +491,12 @@ struct Block {
             d.res = base[src].val;
         }
         *p = w.ops[--w.nops];
-        for (unsigned m = mask & ~bit; m; m &= m - 1) {
-            Thread& d = base[__builtin_ctz(m)];
+        for (unsigned m = mask & ~bit; m;) {  // highest lane first: woken to the front, lane order kept
+            const unsigned l = 31 - __builtin_clz(m);
+            m &= ~(1u << l);
+            Thread& d = base[l];
             d.wait = RUNNING;
-            wake(&d);
+            wake_soon(&d);
         }
         yield(t);
         return t->res;
@@ -570,6 +575,11 @@ struct RunQueue {
         if (p == Sched::Random) rng.seed(seed);
     }
     void push(unsigned x) { buf[(head + count++) & mask] = x; }
+    void push_front(unsigned x) {
+        head = (head - 1) & mask;
+        buf[head] = x;
+        count++;
+    }
     bool pop(unsigned& x) {
         if (!count) return false;
         if (pol == Sched::Reverse) {
@@ -638,6 +648,10 @@ struct FiberBlock : Block {
 
     void park(Thread* t, std::unique_lock<std::mutex>&) override { run_next(t, false); }
     void wake(Thread* t) override { q.push(t->linear); }
+    void wake_soon(Thread* t) override {
+        if (q.pol == Sched::Forward) q.push_front(t->linear);
+        else q.push(t->linear);  // reverse pops the most recent first already; random ignores order
+    }
     void yield(Thread* t) override {
         if (!random) return;
         q.push(t->linear);

@@ -53,6 +53,15 @@ for mode in "${modes[@]}"; do
     case $mode in
     default)
         "$bin" || fail "engine_tests (default)"
+        # As the driver ships it: a shared library that the process dlopen()s.
+        # shellcheck disable=SC2046
+        if $CXX -shared -o "$out/libtpo_emu_smoke.so" -Wl,--whole-archive "$out/libtpo_emu.a" -Wl,--no-whole-archive \
+            $(cat "$out/ldflags") &&
+            $CXX -std=c++17 -O1 -I"$root/emu" "$root/emu/tests/dlopen_smoke.cpp" -ldl -o "$out/dlopen_smoke"; then
+            "$out/dlopen_smoke" "$out/libtpo_emu_smoke.so" || fail "dlopen smoke test"
+        else
+            fail "building the dlopen smoke test"
+        fi
         for sched in reverse random:7 random:123456789; do
             echo "--- TPO_EMU_SCHEDULE=$sched TPO_EMU_WORKERS=1"
             TPO_EMU_SCHEDULE=$sched TPO_EMU_WORKERS=1 "$bin" "${pass_cases[@]}" real_schedules || fail "engine_tests under $sched"
