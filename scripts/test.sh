@@ -3,9 +3,10 @@
 #
 #   bash scripts/test.sh
 #
-# 1. The CPU suite: `cargo test --release` (the f64 reference, properties, the kernels' code on the
-#    host, the CLI, the experiments; tests/cartpole.rs replays Gymnasium's own CartPole-v1, so
-#    a pinned gymnasium is installed first into .pydeps/ from PyPI).
+# 1. The CPU suite: `cargo test --release --features candle` (the f64 reference, properties, the
+#    kernels' code on the host, the CLI, the experiments, the candle ops; tests/cartpole.rs
+#    replays Gymnasium's own CartPole-v1, so a pinned gymnasium is installed first into .pydeps/
+#    from PyPI).
 # 2. The GPU suite on the emulated CUDA device: scripts/test-emulated-gpu.sh (it installs nvcc and
 #    builds the emulator itself).
 set -euo pipefail
@@ -22,5 +23,8 @@ if [ ! -f "$pydeps/.installed" ] || [ "$(cat "$pydeps/.installed")" != "$want" ]
 fi
 export PYTHONPATH="$pydeps${PYTHONPATH:+:$PYTHONPATH}"
 
-echo "== CPU suite: cargo test --release"
-cargo test --release
+echo "== CPU suite: cargo test --release --features candle"
+cargo test --release --features candle
+
+echo "== GPU suite on the emulated CUDA device: scripts/test-emulated-gpu.sh"
+bash scripts/test-emulated-gpu.sh
