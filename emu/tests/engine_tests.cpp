@@ -443,7 +443,9 @@ struct TpoParams {
     unsigned long long* status;
     long long num_groups, k;
     float inv_eta, zero_std_threshold, grad_coef;
-    int anchored, loss_kl, pad_;
+    int anchored, loss_kl, inv_eta_exp;
+    const long long* group_ids;
+    long long num_items;
 };
 struct TokenParams {
     const void* logits;
@@ -497,6 +499,7 @@ bool run_fit(const char* name, unsigned block, const std::vector<float>& l, cons
     p.group_loss = o.loss.data();
     p.status = &o.status;
     p.num_groups = B;
+    p.num_items = B;
     p.k = K;
     p.inv_eta = 1.f;
     p.grad_coef = 0.5f;
