@@ -1,5 +1,5 @@
 //! The `eval_input` fuzz target's driver: the bytes of a safetensors file, read by the very
-//! function `tpo eval` calls (`cli::eval::load`, compiled from src/cli), then evaluated as
+//! function `tpo eval` calls (`cli::input::load`, compiled from src/cli), then evaluated as
 //! `tpo eval` does (`cpu::target_and_fit` with diagnostics, at the CLI's default configuration
 //! and with `--no-anchor`), checked by [`crate::checks`].
 
@@ -21,7 +21,7 @@ fn scratch_path() -> PathBuf {
 pub fn run(bytes: &[u8]) -> Check {
     let path = scratch_path();
     std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("harness: cannot write {}: {e}", path.display()));
-    let loaded = crate::cli::eval::load(&path);
+    let loaded = crate::cli::input::load(&path);
     std::fs::remove_file(&path).unwrap_or_else(|e| panic!("harness: cannot remove {}: {e}", path.display()));
     let inp = match loaded {
         Ok(i) => i,

@@ -1,6 +1,7 @@
 //! Command-line front end: argument parsing and error reporting.
 
 mod eval;
+mod input;
 mod output;
 mod plot;
 mod reproduce;
