@@ -170,8 +170,9 @@ pub fn target_and_fit<L: Scalar, S: Scalar>(
         let mut kl = Vec::with_capacity(layout.num_groups());
         for r in layout.ranges() {
             let lo: Vec<f64> = old[r.clone()].iter().map(|x| x.to_f64()).collect();
-            let lse = logsumexp(&lo);
-            kl.push(kl_div(&q[r], lo.iter().map(|&x| x - lse)));
+            let mut lp = vec![0.0; lo.len()];
+            log_softmax_into(&lo, &mut lp);
+            kl.push(kl_div(&q[r], lp.into_iter()));
         }
         st.kl_q_pold = Some(kl);
     }
@@ -294,18 +295,35 @@ pub(crate) fn ldexp(x: f64, k: i32) -> f64 {
 
 /// `log sum_i exp(a_i)`, stable; `-inf` entries contribute nothing (at least one must be finite).
 pub fn logsumexp(a: &[f64]) -> f64 {
-    let mx = a.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if mx == f64::NEG_INFINITY {
-        return f64::NEG_INFINITY;
-    }
-    mx + a.iter().map(|&x| (x - mx).exp()).sum::<f64>().ln()
+    let (mx, ln_s) = logsumexp_parts(a);
+    mx + ln_s
 }
 
-/// `out_i = exp(a_i - logsumexp(a))`.
-pub fn softmax_into(a: &[f64], out: &mut [f64]) {
-    let lse = logsumexp(a);
+/// `logsumexp(a)` in two parts, `(m, ln S)` with `m = max a` and `S = sum exp(a - m)`, so that
+/// `a_i - logsumexp(a)` can be formed as `(a_i - m) - ln S`: rounding `m + ln S` first loses
+/// `ln S` entirely once `|m|` is past about `1e16` (`[-1e17, -1e17]` would get `p = [1, 1]`).
+/// `(-inf, 0)` when every `a_i` is `-inf`.
+pub fn logsumexp_parts(a: &[f64]) -> (f64, f64) {
+    let mx = a.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if mx == f64::NEG_INFINITY {
+        return (mx, 0.0);
+    }
+    (mx, a.iter().map(|&x| (x - mx).exp()).sum::<f64>().ln())
+}
+
+/// `log softmax(a)_i = (a_i - max a) - ln sum exp(a - max a)`, `-inf` where `a_i` is.
+pub fn log_softmax_into(a: &[f64], out: &mut [f64]) {
+    let (mx, ln_s) = logsumexp_parts(a);
     for (o, &x) in out.iter_mut().zip(a) {
-        *o = (x - lse).exp();
+        *o = if x == f64::NEG_INFINITY { x } else { (x - mx) - ln_s };
+    }
+}
+
+/// `out_i = exp(a_i - logsumexp(a))`, computed as `exp((a_i - max a) - ln S)`.
+pub fn softmax_into(a: &[f64], out: &mut [f64]) {
+    log_softmax_into(a, out);
+    for o in out.iter_mut() {
+        *o = o.exp();
     }
 }
 
@@ -329,11 +347,11 @@ fn fit_group(
     scale: f64,
     grad: &mut [f64],
 ) -> Result<GroupFit> {
-    let lse = logsumexp(l);
+    let (mx, ln_s) = logsumexp_parts(l);
     let qsum: f64 = q.iter().sum();
     let (mut ce, mut kl, mut ent, mut gn) = (0.0, 0.0, 0.0, 0.0);
     for i in 0..l.len() {
-        let lp = l[i] - lse;
+        let lp = if l[i] == f64::NEG_INFINITY { l[i] } else { (l[i] - mx) - ln_s };
         if q[i] > 0.0 {
             if lp == f64::NEG_INFINITY {
                 return Err(TpoError::InfiniteLoss { index: start + i, q: q[i] });
