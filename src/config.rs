@@ -96,12 +96,13 @@ impl Reduction {
             Reduction::Mean => Ok(1.0 / groups as f64),
             Reduction::Sum => Ok(1.0),
             Reduction::GlobalMean(n) => {
-                if n.is_finite() && n > 0.0 {
+                // 1/n must be finite too: a subnormal n would make every loss and gradient infinite.
+                if n.is_finite() && n > 0.0 && (1.0 / n).is_finite() {
                     Ok(1.0 / n)
                 } else {
                     Err(TpoError::BadConfig {
                         name: "global group count",
-                        requirement: "finite and > 0",
+                        requirement: "finite and > 0, with 1/n finite (n >= 2^-1022)",
                         got: n,
                     })
                 }
@@ -145,6 +146,16 @@ impl FitConfig {
                 got: self.grad_scale,
             });
         }
-        self.reduction.weight(groups)
+        let w = self.reduction.weight(groups)?;
+        // The gradient is scaled by grad_scale * w: an overflowing product would make every
+        // gradient infinite.
+        if !(self.grad_scale * w).is_finite() {
+            return Err(TpoError::BadConfig {
+                name: "grad_scale times the reduction weight",
+                requirement: "finite",
+                got: self.grad_scale * w,
+            });
+        }
+        Ok(w)
     }
 }

@@ -52,10 +52,11 @@ impl Default for TokenConfig {
 
 impl TokenConfig {
     fn validate(&self) -> Result<()> {
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+        // 1/tau must be finite too: a subnormal tau would turn every logit into +-inf or NaN.
+        if !(self.temperature.is_finite() && self.temperature > 0.0 && (1.0 / self.temperature).is_finite()) {
             return Err(TpoError::BadConfig {
                 name: "temperature",
-                requirement: "finite and > 0",
+                requirement: "finite and > 0, with 1/temperature finite (temperature >= 2^-1022)",
                 got: self.temperature,
             });
         }
@@ -144,8 +145,10 @@ pub fn token_logprobs<T: Scalar>(
                 allowed: "the sampled token's logit must be finite (its log-prob would be -inf)",
             });
         }
-        let lse = super::logsumexp(&s);
-        out.logp.push(s[y] - lse);
+        // log p_y = (s_y - max) - ln S: forming max + ln S first would lose ln S for |s| past ~1e16.
+        let (mx, ln_s) = super::logsumexp_parts(&s);
+        let lse = mx + ln_s;
+        out.logp.push((s[y] - mx) - ln_s);
         out.lse.push(lse);
         if let Some(e) = out.entropy.as_mut() {
             let mean_s: f64 = s.iter().filter(|x| x.is_finite()).map(|&x| (x - lse).exp() * x).sum();
@@ -224,12 +227,26 @@ pub fn logits_grad<T: Scalar>(
             expected: tl.logp.len(),
         });
     }
+    if let Some(t) = token_grad.iter().position(|g| !g.is_finite()) {
+        return Err(TpoError::NonFinite {
+            name: "token gradient",
+            index: t,
+            value: token_grad[t],
+            allowed: "the upstream gradient must be finite",
+        });
+    }
     let inv = 1.0 / cfg.temperature;
     let mut d = vec![0.0; logits.len()];
+    let mut s = vec![0.0; vocab];
     for t in 0..tl.logp.len() {
         let g = token_grad[t];
         for v in 0..vocab {
-            let p = (logits[t * vocab + v].to_f64() * inv - tl.lse[t]).exp();
+            s[v] = logits[t * vocab + v].to_f64() * inv;
+        }
+        // p_v = exp((s_v - max) - ln S), as in token_logprobs (not exp(s_v - lse)).
+        let (mx, ln_s) = super::logsumexp_parts(&s);
+        for v in 0..vocab {
+            let p = if s[v] == f64::NEG_INFINITY { 0.0 } else { ((s[v] - mx) - ln_s).exp() };
             let onehot = if v == tokens[t] as usize { 1.0 } else { 0.0 };
             d[t * vocab + v] = g * (onehot - p) * inv;
         }
