@@ -107,7 +107,10 @@ fn masked_vocabulary_and_errors() {
     let e = token_logprobs(&[0.0, 1.0], 2, &[0], &TokenConfig { temperature: 0.0, ..cfg })
         .unwrap_err()
         .to_string();
-    assert_eq!(e, "temperature must be finite and > 0, got 0");
+    assert_eq!(
+        e,
+        "temperature must be finite and > 0, with 1/temperature finite (temperature >= 2^-1022), got 0"
+    );
     // Empty mask: the sequence's l is 0 and it gets no gradient.
     let seqs = GroupLayout::from_sizes(&[2, 1]).unwrap();
     let l = sequence_logprobs(&[-1.0, -2.0, -3.0], &seqs, &[false, false, true], SeqReduce::Mean).unwrap();
