@@ -81,6 +81,16 @@ pub enum TpoError {
     /// The CUDA backend could not be used (no driver, no GPU, a launch failure, ...).
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A loss or gradient of finite inputs is past `f64`'s range.
+    #[error("{method}: group {group} overflows f64 ({cause})")]
+    Overflow {
+        /// The loss (`reinforce`, `ppo`, `grpo`, `dg`).
+        method: &'static str,
+        /// The first group that overflows.
+        group: usize,
+        /// Which term overflows, and what to do about it.
+        cause: &'static str,
+    },
     /// Sizes whose sum or product does not fit in `usize` (nor, on the device, in `i64`).
     #[error("{0}: too large, the size overflows")]
     SizeOverflow(String),

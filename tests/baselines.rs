@@ -194,3 +194,51 @@ fn baseline_errors() {
     let e = cpu::reinforce(&x, &[0.0f64], &layout, &PgConfig::default(), &FitConfig::default());
     assert_eq!(e.unwrap_err().to_string(), "scores has 1 elements, layout expects 2");
 }
+
+/// Scores near `f64::MAX` whose group mean is representable: the baseline is formed without
+/// overflowing the sum, and the loss is the exact closed form.
+#[test]
+fn group_mean_of_huge_scores() {
+    let layout = GroupLayout::uniform(1, 2).unwrap();
+    let (l, s) = ([-1.0f64, -2.0], [f64::MAX, f64::MAX / 2.0]);
+    let fit = FitConfig::default();
+    // b = 0.75 MAX, A = [0.25 MAX, -0.25 MAX]; L = -(1/2)(-0.25 MAX + 0.5 MAX) = -0.125 MAX.
+    let r = cpu::reinforce(&l, &s, &layout, &PgConfig::default(), &fit).unwrap();
+    let near = |x: f64, want: f64| (x / want - 1.0).abs() < 1e-15;
+    assert!(near(r.loss, -0.125 * f64::MAX), "{}", r.loss);
+    assert!(near(r.grad[0], -0.125 * f64::MAX) && near(r.grad[1], 0.125 * f64::MAX), "{:?}", r.grad);
+    // DG with l_old = 0: every gate is sigmoid(0) = 1/2, half of REINFORCE.
+    let d = cpu::dg(&l, &[0.0, 0.0], &s, &layout, &DgConfig::default(), &fit).unwrap();
+    assert!(near(d.loss, -0.0625 * f64::MAX), "{}", d.loss);
+}
+
+/// A loss past f64's range from finite inputs is refused with one line naming the method and
+/// group, never returned as an infinity.
+#[test]
+fn overflowing_losses_are_refused() {
+    let layout = GroupLayout::from_sizes(&[1, 2]).unwrap();
+    let fit = FitConfig::default();
+    let e = cpu::reinforce(
+        &[-1.0f64, -4.0, -1.0],
+        &[0.0f64, f64::MAX, -f64::MAX],
+        &layout,
+        &PgConfig { baseline: Baseline::Constant(0.0) },
+        &fit,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("reinforce: group 1 overflows f64 (advantage times log-prob"), "{e}");
+    assert!(!e.contains('\n'));
+    // GRPO: r = logp - logp_old = -1000, so the KL term exp(-r) overflows.
+    let e = cpu::grpo(
+        &[0.0f64, -1001.0, -1.0],
+        &[0.0f64, -1.0, -1.0],
+        &[0.0f64, 0.0, 1.0],
+        &layout,
+        &GrpoConfig::default(),
+        &fit,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("grpo: group 1 overflows f64"), "{e}");
+}

@@ -3,8 +3,6 @@
 //! safetensors files under fuzz/regressions/eval_input/, `api` reproducers the cases below
 //! (their raw fuzzer inputs are under fuzz/regressions/api/, replayed too).
 //!
-//! Tests marked `#[ignore]` fail on the current reference: they document known defects whose
-//! fixes are in flight (issue 11); un-ignore each one when its fix lands.
 
 #[path = "../fuzz/src/api.rs"]
 mod api;
@@ -210,12 +208,19 @@ fn fit_of_large_logp_has_a_zero_sum_gradient() {
     api_file("fit-grad-large-logp-not-zero-sum");
 }
 
-/// token_logprobs at temperature 1e-17 with logits [1, 1]: lse absorbs ln 2, so each p = 1.
+/// token_logprobs at temperature 1e-17 with logits [1, 1]: lse as one f64 absorbs ln 2, so each
+/// p = 1; the two parts `row_max` and `log_sum` keep it.
 #[test]
-#[ignore = "open fuzz finding: TokenLogprobs::lse as one f64 cannot represent max + ln S once |z/tau| is past ~1e16 (the log-probs themselves are now exact); needs lse in two parts, as the kernels keep it"]
 fn token_logprobs_at_tiny_temperature_normalise() {
     api_case(&case(1, &[1.0], &[], &[], tokens(TokenCall::Logprobs, 1e-17, 2, vec![0])));
     api_file("token-logprobs-row-sum-tiny-temperature");
+}
+
+/// Tempered logits near 3e37: `z * (1/tau)` and `z / tau` differ by an ulp there, which moves
+/// `log p` by ~1e21, so the reference must compute `s = z / tau` as documented (it multiplied).
+#[test]
+fn token_logprobs_divide_by_the_temperature() {
+    api_file("token-logprobs-divided-not-multiplied");
 }
 
 // ---- api findings outside the issue's list (no fix in flight) ----
@@ -243,7 +248,6 @@ fn fit_with_overflowing_scale_is_finite_or_refused() {
 
 /// REINFORCE's group-mean baseline with scores [MAX, MAX]: the sum overflows, A = -inf.
 #[test]
-#[ignore = "open fuzz finding: reinforce returns a -inf loss as Ok when the group-mean baseline of scores near f64::MAX overflows; issue 11 stays open for it"]
 fn reinforce_with_huge_scores_is_finite_or_refused() {
     api_case(&case(2, &[-1.0, -2.0], &[], &[f64::MAX], Op::Reinforce(BaselineSpec::Mean, fit_default())));
     api_file("reinforce-loss-inf-huge-values");
@@ -252,7 +256,6 @@ fn reinforce_with_huge_scores_is_finite_or_refused() {
 /// DG: -(1/K) sum g A l overflows for finite A and l (scores -MAX, logp -4), and the group-mean
 /// baseline overflows as in REINFORCE.
 #[test]
-#[ignore = "open fuzz finding: dg returns an infinite loss as Ok for scores near f64::MAX (baseline overflow); issue 11 stays open for it"]
 fn dg_with_huge_scores_is_finite_or_refused() {
     let op = Op::Dg { eta: p10(1, 0), baseline: BaselineSpec::Constant(p10(1, 0)), fit: fit_default() };
     api_case(&case(2, &[-4.0], &[-1.0], &[f64::MIN, 0.0], op));
@@ -262,7 +265,6 @@ fn dg_with_huge_scores_is_finite_or_refused() {
 
 /// GRPO with logp - logp_old = -1000: the KL penalty exp(-r) overflows to an infinite loss.
 #[test]
-#[ignore = "open fuzz finding: the GRPO KL estimator exp(-r) + r - 1 overflows to an infinite loss returned as Ok; issue 11 stays open for it"]
 fn grpo_with_a_large_log_ratio_is_finite_or_refused() {
     let op = Op::Grpo { clip_eps: f(0.2), beta: f(0.04), zero_std_threshold: f(1e-6), fit: fit_default() };
     api_case(&case(2, &[-1001.0, -1.0], &[-1.0], &[0.0, 1.0], op));

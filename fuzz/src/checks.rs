@@ -11,7 +11,7 @@
 //! * Cross-entropy is `>= 0`; `KL(q || p) >= Q ln Q` and `-Q ln Q <= H(q) <= Q ln K - Q ln Q` for
 //!   a target summing to `Q` (`KL >= 0`, `0 <= H <= ln K` when `Q = 1`), within [`SUM_TOL`] scaled
 //!   by the terms that were added.
-//! * Token log-probs are `<= 0`, `sum_v exp(z_v / tau - lse) = 1`, `0 <= entropy <= ln V`, and each
+//! * Token log-probs are `<= 0`, `sum_v exp((z_v / tau - row_max) - log_sum) = 1` with `lse = row_max + log_sum`, `0 <= entropy <= ln V`, and each
 //!   row of `dL/dz` sums to zero (within the same tolerances).
 //!
 //! Each check returns `Err(description)` on the first violation; the fuzz targets panic with it.
@@ -200,8 +200,12 @@ pub fn baseline(out: &FitOutput, layout: &GroupLayout) -> Check {
 pub fn token_logprobs(tl: &TokenLogprobs, s: &[f64], vocab: usize) -> Check {
     let rows = tl.logp.len();
     len("lse", &tl.lse, rows)?;
+    len("row_max", &tl.row_max, rows)?;
+    len("log_sum", &tl.log_sum, rows)?;
     finite("token logp", &tl.logp)?;
     finite("lse", &tl.lse)?;
+    finite("row_max", &tl.row_max)?;
+    finite("log_sum", &tl.log_sum)?;
     if s.len() != rows * vocab {
         return Err(format!("{rows} token log-probs for {} logits of vocabulary {vocab}", s.len()));
     }
@@ -210,12 +214,16 @@ pub fn token_logprobs(tl: &TokenLogprobs, s: &[f64], vocab: usize) -> Check {
             return Err(format!("token {t}'s log-prob is {:e} > 0", tl.logp[t]));
         }
         let row = &s[t * vocab..(t + 1) * vocab];
-        let psum: f64 = row.iter().map(|&x| (x - tl.lse[t]).exp()).sum();
+        let (mx, ln_s) = (tl.row_max[t], tl.log_sum[t]);
+        let psum: f64 = row.iter().map(|&x| ((x - mx) - ln_s).exp()).sum();
         if (psum - 1.0).abs() > SUM_TOL {
             return Err(format!(
-                "row {t}: sum_v exp(s_v - lse) = {psum:.17e}, not 1 (lse = {:e})",
-                tl.lse[t]
+                "row {t}: sum_v exp((s_v - row_max) - log_sum) = {psum:.17e}, not 1 (row_max = {mx:e}, log_sum = {ln_s:e})"
             ));
+        }
+        // lse is the two parts rounded to one f64.
+        if tl.lse[t] != mx + ln_s {
+            return Err(format!("row {t}: lse = {:e} is not row_max + log_sum = {:e}", tl.lse[t], mx + ln_s));
         }
     }
     if let Some(e) = &tl.entropy {

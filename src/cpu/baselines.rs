@@ -104,7 +104,7 @@ pub fn reinforce<L: Scalar, S: Scalar>(
     fit: &FitConfig,
 ) -> Result<FitOutput> {
     check_baseline(cfg.baseline)?;
-    per_group(layout, fit, &[("logp", logp)], scores, |l, s, _, out| {
+    per_group(Method::Reinforce, layout, fit, &[("logp", logp)], scores, |l, s, _, out| {
         let k = l[0].len() as f64;
         let adv = advantages(s, cfg.baseline);
         let mut loss = 0.0;
@@ -135,7 +135,7 @@ pub fn grpo<L: Scalar, S: Scalar>(
             return Err(TpoError::BadConfig { name, requirement: req, got: v });
         }
     }
-    per_group(layout, fit, &[("logp", logp), ("logp_old", logp_old)], scores, |l, s, u, out| {
+    per_group(Method::Grpo, layout, fit, &[("logp", logp), ("logp_old", logp_old)], scores, |l, s, u, out| {
         let (l, lo) = (l[0], l[1]);
         let k = l.len() as f64;
         zscore(s, lo, cfg.zero_std_threshold, u);
@@ -181,19 +181,26 @@ pub fn ppo<L: Scalar, A: Scalar>(
             allowed: "advantages must be finite",
         });
     }
-    per_group(layout, fit, &[("logp", logp), ("logp_old", logp_old)], advantages, |l, a, _, out| {
-        let (l, lo) = (l[0], l[1]);
-        let k = l.len() as f64;
-        let mut loss = 0.0;
-        for i in 0..a.len() {
-            let rho = (l[i] - lo[i]).exp();
-            let unclipped = rho * a[i];
-            let clipped = rho.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * a[i];
-            loss -= unclipped.min(clipped) / k;
-            out[i] = if unclipped <= clipped { -unclipped / k } else { 0.0 };
-        }
-        Ok(loss)
-    })
+    per_group(
+        Method::Ppo,
+        layout,
+        fit,
+        &[("logp", logp), ("logp_old", logp_old)],
+        advantages,
+        |l, a, _, out| {
+            let (l, lo) = (l[0], l[1]);
+            let k = l.len() as f64;
+            let mut loss = 0.0;
+            for i in 0..a.len() {
+                let rho = (l[i] - lo[i]).exp();
+                let unclipped = rho * a[i];
+                let clipped = rho.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * a[i];
+                loss -= unclipped.min(clipped) / k;
+                out[i] = if unclipped <= clipped { -unclipped / k } else { 0.0 };
+            }
+            Ok(loss)
+        },
+    )
 }
 
 /// DG, the sigmoid-gated REINFORCE (see [`DgConfig`]).
@@ -209,7 +216,7 @@ pub fn dg<L: Scalar, S: Scalar>(
         return Err(TpoError::BadConfig { name: "eta", requirement: "finite and > 0", got: cfg.eta });
     }
     check_baseline(cfg.baseline)?;
-    per_group(layout, fit, &[("logp", logp), ("logp_old", logp_old)], scores, |l, s, _, out| {
+    per_group(Method::Dg, layout, fit, &[("logp", logp), ("logp_old", logp_old)], scores, |l, s, _, out| {
         let (l, lo) = (l[0], l[1]);
         let k = l.len() as f64;
         let adv = advantages(s, cfg.baseline);
@@ -233,6 +240,36 @@ pub fn sigmoid(x: f64) -> f64 {
     }
 }
 
+/// Which loss [`per_group`] computes, for its overflow error.
+#[derive(Clone, Copy)]
+enum Method {
+    Reinforce,
+    Grpo,
+    Ppo,
+    Dg,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Reinforce => "reinforce",
+            Method::Grpo => "grpo",
+            Method::Ppo => "ppo",
+            Method::Dg => "dg",
+        }
+    }
+
+    fn cause(self) -> &'static str {
+        match self {
+            Method::Reinforce | Method::Dg => "advantage times log-prob is past f64's range: rescale the scores",
+            Method::Grpo => {
+                "the ratio exp(logp - logp_old), the KL term exp(logp_old - logp) or an advantage term is past f64's range"
+            }
+            Method::Ppo => "the ratio exp(logp - logp_old) times an advantage is past f64's range",
+        }
+    }
+}
+
 fn check_baseline(b: Baseline) -> Result<()> {
     match b {
         Baseline::Constant(c) if !c.is_finite() => {
@@ -244,15 +281,27 @@ fn check_baseline(b: Baseline) -> Result<()> {
 
 fn advantages(s: &[f64], b: Baseline) -> Vec<f64> {
     let b = match b {
-        Baseline::GroupMean => s.iter().sum::<f64>() / s.len() as f64,
+        Baseline::GroupMean => mean(s),
         Baseline::Constant(c) => c,
     };
     s.iter().map(|x| x - b).collect()
 }
 
+/// The mean of finite values, finite even where their sum overflows (scores near `f64::MAX`).
+fn mean(s: &[f64]) -> f64 {
+    let k = s.len() as f64;
+    let sum = s.iter().sum::<f64>();
+    if sum.is_finite() {
+        sum / k
+    } else {
+        s.iter().map(|x| x / k).sum()
+    }
+}
+
 /// Validates the inputs, then runs `f(logps, scores, scratch, grad_out) -> group loss` group by
 /// group and applies the reduction and upstream scale.
 fn per_group<L: Scalar, S: Scalar>(
+    method: Method,
     layout: &GroupLayout,
     fit: &FitConfig,
     logps: &[(&'static str, &[L])],
@@ -284,11 +333,28 @@ fn per_group<L: Scalar, S: Scalar>(
         let views: Vec<&[f64]> = wide.iter().map(Vec::as_slice).collect();
         let s = widen_scores(&scores[r.clone()], r.start)?;
         let out = &mut grad[r];
-        group_loss.push(f(&views, &s, &mut scratch, out)?);
+        let gl = f(&views, &s, &mut scratch, out)?;
         for g in out.iter_mut() {
             *g *= fit.grad_scale * w;
         }
+        // Finite inputs can still give a loss or gradient past f64's range (advantages near
+        // f64::MAX, exp of a large log ratio): refuse it rather than return an infinity.
+        if !gl.is_finite() || out.iter().any(|g| !g.is_finite()) {
+            return Err(TpoError::Overflow {
+                method: method.name(),
+                group: group_loss.len(),
+                cause: method.cause(),
+            });
+        }
+        group_loss.push(gl);
     }
     let loss = w * group_loss.iter().sum::<f64>();
+    if !loss.is_finite() {
+        return Err(TpoError::Overflow {
+            method: method.name(),
+            group: group_loss.len() - 1,
+            cause: method.cause(),
+        });
+    }
     Ok(FitOutput { loss, group_loss, grad, stats: None })
 }

@@ -69,8 +69,14 @@ impl TokenConfig {
 pub struct TokenLogprobs {
     /// `logp_t` of the sampled token.
     pub logp: Vec<f64>,
-    /// `lse_t` of the tempered logits (kept for the backward).
+    /// `lse_t = row_max_t + log_sum_t` of the tempered logits, rounded to one `f64`. Past
+    /// `|s| ~ 1e16` the rounding swallows `log_sum_t`; use the two parts for exact work.
     pub lse: Vec<f64>,
+    /// `row_max_t = max_v s_{t,v}`, the first part of `lse_t` (as the kernels keep it).
+    pub row_max: Vec<f64>,
+    /// `log_sum_t = ln sum_v exp(s_{t,v} - row_max_t)`, in `[0, ln V]`: the second part of `lse_t`,
+    /// so `p_{t,v} = exp((s_{t,v} - row_max_t) - log_sum_t)` exactly at any magnitude.
+    pub log_sum: Vec<f64>,
     /// `entropy_t`, when asked for.
     pub entropy: Option<Vec<f64>>,
 }
@@ -116,10 +122,11 @@ pub fn token_logprobs<T: Scalar>(
     cfg.validate()?;
     let n = rows(logits, vocab)?;
     check_tokens("tokens", tokens, n, vocab)?;
-    let inv = 1.0 / cfg.temperature;
     let mut out = TokenLogprobs {
         logp: Vec::with_capacity(n),
         lse: Vec::with_capacity(n),
+        row_max: Vec::with_capacity(n),
+        log_sum: Vec::with_capacity(n),
         entropy: cfg.entropy.then(|| Vec::with_capacity(n)),
     };
     let mut s = vec![0.0; vocab];
@@ -134,7 +141,17 @@ pub fn token_logprobs<T: Scalar>(
                     allowed: "logits must be finite, or -inf to mask a vocabulary entry",
                 });
             }
-            s[v] = z * inv;
+            // s = z / tau, divided (not z * (1/tau)): at |s| past ~1e16 one rounding of s moves
+            // log p by more than 1, so the reference computes the documented formula exactly.
+            s[v] = z / cfg.temperature;
+            if s[v].is_infinite() && z.is_finite() {
+                return Err(TpoError::NonFinite {
+                    name: "logits",
+                    index: t * vocab + v,
+                    value: z,
+                    allowed: "logit / temperature overflows f64: raise the temperature or rescale the logits",
+                });
+            }
         }
         let y = tokens[t] as usize;
         if s[y] == f64::NEG_INFINITY {
@@ -150,9 +167,19 @@ pub fn token_logprobs<T: Scalar>(
         let lse = mx + ln_s;
         out.logp.push((s[y] - mx) - ln_s);
         out.lse.push(lse);
+        out.row_max.push(mx);
+        out.log_sum.push(ln_s);
         if let Some(e) = out.entropy.as_mut() {
-            let mean_s: f64 = s.iter().filter(|x| x.is_finite()).map(|&x| (x - lse).exp() * x).sum();
-            e.push(lse - mean_s);
+            // H = lse - sum_v p_v s_v = ln S - sum_v p_v (s_v - max), every term relative to max.
+            let mean_d: f64 = s
+                .iter()
+                .filter(|x| x.is_finite())
+                .map(|&x| {
+                    let d = x - mx;
+                    (d - ln_s).exp() * d
+                })
+                .sum();
+            e.push(ln_s - mean_d);
         }
     }
     Ok(out)
@@ -235,20 +262,26 @@ pub fn logits_grad<T: Scalar>(
             allowed: "the upstream gradient must be finite",
         });
     }
-    let inv = 1.0 / cfg.temperature;
+    let tau = cfg.temperature;
     let mut d = vec![0.0; logits.len()];
-    let mut s = vec![0.0; vocab];
     for t in 0..tl.logp.len() {
         let g = token_grad[t];
+        // p_v = exp((s_v - max) - ln S) with token_logprobs' own two parts (not exp(s_v - lse)).
+        let (mx, ln_s) = (tl.row_max[t], tl.log_sum[t]);
         for v in 0..vocab {
-            s[v] = logits[t * vocab + v].to_f64() * inv;
-        }
-        // p_v = exp((s_v - max) - ln S), as in token_logprobs (not exp(s_v - lse)).
-        let (mx, ln_s) = super::logsumexp_parts(&s);
-        for v in 0..vocab {
-            let p = if s[v] == f64::NEG_INFINITY { 0.0 } else { ((s[v] - mx) - ln_s).exp() };
+            let s = logits[t * vocab + v].to_f64() / tau;
+            let p = if s == f64::NEG_INFINITY { 0.0 } else { ((s - mx) - ln_s).exp() };
             let onehot = if v == tokens[t] as usize { 1.0 } else { 0.0 };
-            d[t * vocab + v] = g * (onehot - p) * inv;
+            let x = g * (onehot - p) / tau;
+            if !x.is_finite() {
+                return Err(TpoError::NonFinite {
+                    name: "logits gradient",
+                    index: t * vocab + v,
+                    value: x,
+                    allowed: "token gradient / temperature overflows f64: scale the upstream gradient down",
+                });
+            }
+            d[t * vocab + v] = x;
         }
     }
     Ok(d)
