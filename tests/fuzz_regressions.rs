@@ -223,6 +223,15 @@ fn token_logprobs_divide_by_the_temperature() {
     api_file("token-logprobs-divided-not-multiplied");
 }
 
+/// A finite gradient whose norm was formed as `sqrt(sum (scale d)^2)`: the squares overflow, so
+/// a huge grad_scale reported an infinite norm; the norm is now `|scale| sqrt(sum d^2)`.
+#[test]
+fn fit_grad_norm_is_finite_or_refused() {
+    api_file("fit-grad-norm-overflows-for-a-finite-gradient");
+    let fs = FitSpec { grad_scale: Some(f(1e200)), diagnostics: true, ..fit_default() };
+    api_case(&case(2, &[-1.0, -2.0], &[], &[], Op::Fit(TargetInput::Uniform, fs)));
+}
+
 // ---- api findings outside the list (no fix in flight) ----
 
 /// A subnormal temperature: 1 / tau = inf and 0 * inf = NaN log-probs, returned as Ok.

@@ -138,6 +138,13 @@ pub fn fit<L: Scalar, Q: Scalar>(
         let gs = fit_group(&l, &q, start, cfg.form, cfg.grad_scale * w, &mut grad[r])?;
         group_loss.push(gs.loss);
         if let Some(st) = stats.as_mut() {
+            if !gs.grad_norm.is_finite() {
+                return Err(TpoError::BadConfig {
+                    name: "grad_scale (group gradient norm past f64's range)",
+                    requirement: "small enough that the reported gradient norm is finite",
+                    got: cfg.grad_scale,
+                });
+            }
             st.kl_q_p.push(gs.kl);
             st.entropy_q.push(gs.entropy);
             st.grad_norm.push(gs.grad_norm);
@@ -361,15 +368,18 @@ fn fit_group(
             kl += q[i] * (lq - lp);
             ent -= q[i] * lq;
         }
-        let gi = scale * (qsum * lp.exp() - q[i]);
-        grad[i] = gi;
-        gn += gi * gi;
+        let d = qsum * lp.exp() - q[i];
+        grad[i] = scale * d;
+        gn += d * d;
     }
+    // |scale| sqrt(sum d^2): squaring the scaled gradient would overflow for a finite one.
+    // (Past f64's range only for |scale| near f64::MAX; the caller refuses that if it reports it.)
+    let grad_norm = scale.abs() * gn.sqrt();
     let loss = match form {
         LossForm::CrossEntropy => ce,
         LossForm::Kl => kl,
     };
-    Ok(GroupFit { loss, kl, entropy: ent, grad_norm: gn.sqrt() })
+    Ok(GroupFit { loss, kl, entropy: ent, grad_norm })
 }
 
 pub(crate) fn widen_logp<T: Scalar>(name: &'static str, x: &[T], start: usize) -> Result<Vec<f64>> {
