@@ -5,6 +5,9 @@
 #
 #   scripts/fuzz.sh [SECONDS]    # each target runs SECONDS (default 60) from its seed corpus
 #
+# FUZZ_SEED=N fixes libFuzzer's random seed (CI sets it, so a CI run explores the same inputs
+# each time, as far as its time allows); unset, every run draws a new seed.
+#
 # Stable works because the targets are built with `--sanitizer none`: libFuzzer needs only the
 # SanitizerCoverage instrumentation (stable `-C` flags), not AddressSanitizer (`-Z`, nightly);
 # the code under test has no `unsafe`, so the fuzzer looks for panics, aborts and broken
@@ -16,6 +19,7 @@ cd "$(dirname "$0")/.."
 
 secs="${1:-60}"
 [[ "$secs" =~ ^[1-9][0-9]*$ ]] || { echo "usage: scripts/fuzz.sh [SECONDS > 0], got '$secs'" >&2; exit 2; }
+[[ -z "${FUZZ_SEED:-}" || "$FUZZ_SEED" =~ ^[1-9][0-9]*$ ]] || { echo "FUZZ_SEED must be a positive integer, got '$FUZZ_SEED'" >&2; exit 2; }
 
 cargo=(cargo)
 if command -v rustup >/dev/null; then
@@ -38,6 +42,7 @@ for target in eval_input api; do
     extra=(-len_control=0)
     [[ -f "fuzz/$target.dict" ]] && extra+=("-dict=$target.dict")
     [[ "$target" == api ]] && extra+=(-max_len=2048)
+    [[ -n "${FUZZ_SEED:-}" ]] && extra+=("-seed=$FUZZ_SEED")
     echo "== fuzz $target for ${secs}s"
     if ! (cd fuzz && "${cargo[@]}" fuzz run --sanitizer none "$target" "work/$target" "corpus/$target" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${extra[@]}"); then

@@ -82,12 +82,12 @@ pub enum TpoError {
     #[error("CUDA: {0}")]
     Cuda(String),
     /// A loss or gradient of finite inputs is past `f64`'s range.
-    #[error("{method}: group {group} overflows f64 ({cause})")]
+    #[error("{method}: {place} overflows f64 ({cause})")]
     Overflow {
-        /// The loss (`reinforce`, `ppo`, `grpo`, `dg`).
+        /// The call (`fit`, `reinforce`, `ppo`, `grpo`, `dg`).
         method: &'static str,
-        /// The first group that overflows.
-        group: usize,
+        /// Where: the first group that overflows, or the reduced loss.
+        place: String,
         /// Which term overflows, and what to do about it.
         cause: &'static str,
     },

@@ -232,6 +232,15 @@ fn fit_grad_norm_is_finite_or_refused() {
     api_case(&case(2, &[-1.0, -2.0], &[], &[], Op::Fit(TargetInput::Uniform, fs)));
 }
 
+/// Log-probs near f64::MAX: each group's cross-entropy is finite, but `w * sum_g L_g` summed
+/// them first and overflowed; the reduction now scales each term, and a loss truly past f64's
+/// range is refused with one line.
+#[test]
+fn fit_loss_with_logp_near_max_is_finite_or_refused() {
+    api_file("fit-loss-inf-logp-near-max-1");
+    api_file("fit-loss-inf-logp-near-max-2");
+}
+
 // ---- api findings outside the list (no fix in flight) ----
 
 /// A subnormal temperature: 1 / tau = inf and 0 * inf = NaN log-probs, returned as Ok.

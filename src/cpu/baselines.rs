@@ -342,19 +342,12 @@ fn per_group<L: Scalar, S: Scalar>(
         if !gl.is_finite() || out.iter().any(|g| !g.is_finite()) {
             return Err(TpoError::Overflow {
                 method: method.name(),
-                group: group_loss.len(),
+                place: format!("group {}", group_loss.len()),
                 cause: method.cause(),
             });
         }
         group_loss.push(gl);
     }
-    let loss = w * group_loss.iter().sum::<f64>();
-    if !loss.is_finite() {
-        return Err(TpoError::Overflow {
-            method: method.name(),
-            group: group_loss.len() - 1,
-            cause: method.cause(),
-        });
-    }
+    let loss = super::reduce_loss(method.name(), w, &group_loss, method.cause())?;
     Ok(FitOutput { loss, group_loss, grad, stats: None })
 }

@@ -150,7 +150,12 @@ pub fn fit<L: Scalar, Q: Scalar>(
             st.grad_norm.push(gs.grad_norm);
         }
     }
-    let loss = w * group_loss.iter().sum::<f64>();
+    let loss = reduce_loss(
+        "fit",
+        w,
+        &group_loss,
+        "log-probs near f64::MAX make the cross-entropy past f64's range",
+    )?;
     Ok(FitOutput { loss, group_loss, grad, stats })
 }
 
@@ -380,6 +385,24 @@ fn fit_group(
         LossForm::Kl => kl,
     };
     Ok(GroupFit { loss, kl, entropy: ent, grad_norm })
+}
+
+/// `sum_g w L_g`, each term scaled before the sum (a mean of group losses near `f64::MAX` stays
+/// finite); a loss past f64's range is refused with [`TpoError::Overflow`].
+pub(crate) fn reduce_loss(
+    method: &'static str,
+    w: f64,
+    group_loss: &[f64],
+    cause: &'static str,
+) -> Result<f64> {
+    let loss: f64 = group_loss.iter().map(|g| w * g).sum();
+    match group_loss.iter().position(|g| !g.is_finite()) {
+        Some(g) => Err(TpoError::Overflow { method, place: format!("group {g}"), cause }),
+        None if !loss.is_finite() => {
+            Err(TpoError::Overflow { method, place: "the loss reduced over groups".into(), cause })
+        }
+        None => Ok(loss),
+    }
 }
 
 pub(crate) fn widen_logp<T: Scalar>(name: &'static str, x: &[T], start: usize) -> Result<Vec<f64>> {
