@@ -846,6 +846,7 @@ fn small_eta_is_evaluated_not_blamed_on_the_input() {
             tpo(&["eval", inp.to_str().unwrap(), "--eta", eta, "--out", out.to_str().unwrap()]);
         assert_eq!(code, 0, "eta {eta}: {stderr}");
         assert!(stdout.contains("loss (mean cross-entropy)"), "{stdout}");
+        assert!(stdout.contains(&format!("eta = {eta},")), "eta printed in long form: {stdout}");
         let (_, q) = read_f64(&out, "target");
         assert!(
             (q[0] - q0).abs() <= 1e-15 && q[1] == 0.0 && q[2] == 0.0 && (q[3] - q3).abs() <= 1e-15,

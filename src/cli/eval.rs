@@ -79,7 +79,7 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
         "tpo eval: {b} groups ({shape_kind}), {} members, logp {:?}, eta = {}, {}, {}",
         inp.layout.len(),
         inp.logp.dtype,
-        a.eta,
+        short(a.eta),
         if a.no_anchor { "no anchor" } else { "anchored" },
         if inp.logp_old.is_some() { "logp_old given" } else { "on-policy (logp_old = logp)" },
     );
@@ -172,4 +172,14 @@ fn compare_cuda(inp: &Inputs, tcfg: &TargetConfig, want: &cpu::TargetAndFit) -> 
         maxdiff(&got.grad, &want.fit.grad)
     );
     Ok(())
+}
+
+/// `x` as Rust prints it in the usual range, in scientific form outside it (`1e-14`, not
+/// `0.00000000000001`).
+fn short(x: f64) -> String {
+    if x == 0.0 || (1e-4..1e6).contains(&x.abs()) {
+        format!("{x}")
+    } else {
+        format!("{x:e}")
+    }
 }
