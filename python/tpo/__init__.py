@@ -352,7 +352,7 @@ def _check_float(t, name: str, ndim: int) -> Tensor:
 
 
 def _check_cpu(t: Tensor, name: str) -> None:
-    if t.device.type not in ("cpu", "meta"):
+    if t.device.type != "cpu":
         raise ValueError(
             f"{name} is on {t.device}: this build of tpo runs on CPU tensors only "
             "(the CUDA kernels are not wired to PyTorch yet); move it with .cpu()"
