@@ -85,3 +85,34 @@ def test_verl_loss_refuses_partial_groups_and_missing_rollout_n():
 def test_verl_registry_when_verl_is_installed():
     core = pytest.importorskip("verl.trainer.ppo.core_algos")
     assert core.get_policy_loss_fn("tpo") is verl_tpo_loss.compute_policy_loss_tpo
+
+
+@pytest.mark.parametrize("norm_adv_by_std", [True, False])
+def test_with_verl_itself_its_grpo_advantages_config_and_registry(norm_adv_by_std):
+    """With verl installed: verl's GRPO advantage estimator, its ActorConfig and its loss registry."""
+    core = pytest.importorskip("verl.trainer.ppo.core_algos")
+    import numpy as np
+    from verl.workers.config.actor import ActorConfig, PolicyLossConfig
+
+    n, groups, length = 4, 3, 6
+    old, new, _, mask, rewards = verl_batch(7, groups, n, length)
+    # verl puts the outcome reward on the last response token.
+    token_rewards = torch.zeros(old.shape)
+    token_rewards[torch.arange(len(rewards)), mask.sum(-1) - 1] = rewards
+    index = np.repeat(np.array([f"prompt-{g}" for g in range(groups)], dtype=object), n)
+    adv, _ = core.compute_grpo_outcome_advantage(token_rewards, mask, index, norm_adv_by_std_in_grpo=norm_adv_by_std)
+    cfg = ActorConfig(strategy="fsdp", rollout_n=n, ppo_micro_batch_size_per_gpu=n * groups,
+                      policy_loss=PolicyLossConfig(loss_mode="tpo"))  # fmt: skip
+    fn = core.get_policy_loss_fn(cfg.policy_loss.get("loss_mode"))
+    x = new.clone().requires_grad_(True)
+    loss, _ = fn(old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask.bool(),
+                 loss_agg_mode=cfg.loss_agg_mode, config=cfg, rollout_is_weights=None)  # fmt: skip
+    loss.backward()
+    y = new.double().clone().requires_grad_(True)
+    m = mask.double()
+    eta = verl_tpo_loss.TPO_ETA
+    want, _, _ = ref.group_loss((y * m).sum(-1), rewards.double(), [n] * groups,
+                                logp_old=(old.double() * m).sum(-1), eta=eta)  # fmt: skip
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-5, atol=1e-7)
