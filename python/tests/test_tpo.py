@@ -142,6 +142,16 @@ def test_group_index_any_order_equals_contiguous_groups():
     assert d["group_ids"].tolist() == [10, 20, 30]
 
 
+def test_token_paths_take_a_contiguous_group_index_in_any_id_order():
+    g = torch.Generator().manual_seed(13)
+    z = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    tok = torch.randint(0, 5, (8,), generator=g)
+    args = (tok, [0, 2, 3, 5, 6, 8], torch.ones(8), torch.randn(5, generator=g))
+    a = tpo.loss_from_logits(z, *args, [3, 2])
+    b = tpo.loss_from_logits(z, *args, group_index=torch.tensor([7, 7, 7, 2, 2]))
+    assert a.item() == b.item()
+
+
 def test_non_contiguous_inputs_are_handled():
     g = torch.Generator().manual_seed(11)
     base = torch.randn(16, generator=g, dtype=torch.float32)
@@ -281,6 +291,25 @@ def test_torch_compile_of_a_function_calling_the_ops():
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(g1, logp.grad)
     torch.testing.assert_close(gz1, z.grad)
+
+
+def test_torch_compile_with_group_index_and_a_stored_target():
+    # group_index is data-dependent (a graph break, not an error); the stored target is an input.
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(6)
+    logp = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([1, 0, 1, 0, 1, 0])
+    _, q = tpo.group_loss(logp, torch.randn(6, generator=g), group_index=ids, return_target=True)
+
+    def later(x):
+        return tpo.group_loss(x, None, group_index=ids, target=q) * 3.0
+
+    out = torch.compile(later)(logp)
+    (gc,) = torch.autograd.grad(out, logp)
+    want = later(logp)
+    (ge,) = torch.autograd.grad(want, logp)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(gc, ge)
 
 
 def test_ops_pass_torch_library_opcheck():

@@ -25,8 +25,6 @@ wired to this package yet: tensors must be on the CPU. Every bad input raises ``
 the library's one-line message.
 """
 
-from __future__ import annotations
-
 import ctypes
 import math
 from typing import List, Optional, Sequence, Tuple, Union
@@ -523,12 +521,16 @@ def _token_args(tokens, seq_offsets, completion_mask, t: int):
 
 def _seq_args(s, scores, group_sizes, group_index, logp_old, target):
     if group_index is not None:
-        sizes, order = _layout(s, None, group_index)
-        if order is not None:
+        if group_sizes is not None:
+            raise ValueError("give exactly one of group_sizes and group_index")
+        idx = _check_values(group_index, "group_index", s, "int")
+        ids, counts = torch.unique_consecutive(idx, return_counts=True)
+        if torch.unique(ids).numel() != ids.numel():
             raise ValueError(
                 "group_index must list each group's sequences contiguously in the token paths "
                 "(reorder the sequences, or pass group_sizes)"
             )
+        sizes = counts.tolist()
     else:
         sizes, _ = _layout(s, group_sizes, None)
     vals = [_check_values(v, name, s, "real") for v, name in ((scores, "scores"), (logp_old, "logp_old"), (target, "target"))]
