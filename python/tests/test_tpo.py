@@ -99,6 +99,20 @@ def test_eta_range_loss_target_gradient(eta):
     close(logp.grad, r.grad, torch.float64, "gradient")
 
 
+def test_eta_extremes_reach_the_documented_limits():
+    # eta -> 0: p_old restricted to each group's best-scored members, renormalised; eta -> inf: p_old.
+    logp_old = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.5, -1.5], dtype=torch.float64)
+    scores = torch.tensor([1.0, 1.0, 0.0, 0.2, 0.7, 0.7], dtype=torch.float64)
+    sizes = [3, 3]
+    _, q = tpo.group_loss(logp_old, scores, sizes, logp_old=logp_old, eta=1e-12, return_target=True)
+    p1 = torch.softmax(logp_old[:2], 0)
+    want = torch.cat([p1, torch.zeros(1), torch.zeros(1), torch.full((2,), 0.5, dtype=torch.float64)])
+    torch.testing.assert_close(q, want, rtol=1e-12, atol=1e-300)
+    _, q = tpo.group_loss(logp_old, scores, sizes, logp_old=logp_old, eta=1e6, return_target=True)
+    p_old = torch.cat([torch.softmax(logp_old[:3], 0), torch.softmax(logp_old[3:], 0)])
+    torch.testing.assert_close(q, p_old, rtol=1e-5, atol=0)
+
+
 def test_stored_target_later_epoch_and_kl_form():
     g = torch.Generator().manual_seed(3)
     sizes = [4, 4, 2]
