@@ -5,7 +5,7 @@
 #
 # 1. maturin (pinned) into a build venv, `maturin build --release`: the abi3 wheel, in .py/dist/.
 # 2. torch, pytest and numpy (pinned) from PyPI into .py/torch-env, once: PyPI's Linux torch pulls
-#    the nvidia-* CUDA packages (about 5.4 GB installed, ~2 min here); the venv is kept and reused
+#    the nvidia-* CUDA packages (about 5.4 GB installed, 2 to 4 min here); the venv is kept and reused
 #    while the pins are unchanged (pip keeps no cache of those downloads on this machine).
 # 3. A FRESH venv (.py/fresh, remade every run) that sees that torch through a .pth file; the wheel
 #    is installed into it with `pip install --no-index` (so its dependency on torch is satisfied by
