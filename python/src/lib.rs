@@ -146,20 +146,19 @@ fn group_loss<'py>(
     let l = f64s("logp", logp)?;
     let fcfg = fit_config(kl, reduction, global_num_groups, grad_scale)?;
     let tcfg = target_config(eta, zero_std_threshold, anchored);
-    let (q, fit) = match Source::read(scores, logp_old, target)? {
-        Source::Stored(q) => {
-            let f = cpu::fit(&l, &q, &layout, &fcfg).map_err(value_error)?;
-            (q, f)
-        }
-        Source::OnPolicy(s) => {
-            let r = cpu::target_and_fit(&l, None, &s, &layout, &tcfg, &fcfg).map_err(value_error)?;
-            (r.target, r.fit)
-        }
-        Source::Rollout(o, s) => {
-            let r = cpu::target_and_fit(&l, Some(&o), &s, &layout, &tcfg, &fcfg).map_err(value_error)?;
-            (r.target, r.fit)
-        }
-    };
+    let source = Source::read(scores, logp_old, target)?;
+    // The reference runs without the GIL: other Python threads go on meanwhile.
+    let (q, fit) = py
+        .detach(|| match source {
+            Source::Stored(q) => cpu::fit(&l, &q, &layout, &fcfg).map(|f| (q, f)),
+            Source::OnPolicy(s) => {
+                cpu::target_and_fit(&l, None, &s, &layout, &tcfg, &fcfg).map(|r| (r.target, r.fit))
+            }
+            Source::Rollout(o, s) => {
+                cpu::target_and_fit(&l, Some(&o), &s, &layout, &tcfg, &fcfg).map(|r| (r.target, r.fit))
+            }
+        })
+        .map_err(value_error)?;
     let d = PyDict::new(py);
     d.set_item("loss", fit.loss)?;
     d.set_item("group_loss", out_bytes(py, &fit.group_loss))?;
@@ -278,8 +277,9 @@ fn loss_from_logits<'py>(
         global_num_groups,
         grad_scale,
     )?;
-    let p =
-        tokens::tpo_from_logits(&z, vocab, &batch.view(), source.as_tokens(), &cfg).map_err(value_error)?;
+    let p = py
+        .detach(|| tokens::tpo_from_logits(&z, vocab, &batch.view(), source.as_tokens(), &cfg))
+        .map_err(value_error)?;
     let d = PyDict::new(py);
     put_logits_path(&d, &p)?;
     d.set_item("grad_logits", out_bytes(py, &p.grad_logits))?;
@@ -330,8 +330,9 @@ fn loss_from_hidden<'py>(
         global_num_groups,
         grad_scale,
     )?;
-    let p =
-        tokens::tpo_from_hidden(&h, &w, dim, &batch.view(), source.as_tokens(), &cfg).map_err(value_error)?;
+    let p = py
+        .detach(|| tokens::tpo_from_hidden(&h, &w, dim, &batch.view(), source.as_tokens(), &cfg))
+        .map_err(value_error)?;
     let d = PyDict::new(py);
     put_logits_path(&d, &p.logits_path)?;
     d.set_item("grad_hidden", out_bytes(py, &p.grad_hidden))?;
