@@ -9,6 +9,8 @@
 #    from PyPI).
 # 2. The GPU suite on the emulated CUDA device: scripts/test-emulated-gpu.sh (it installs nvcc and
 #    builds the emulator itself).
+# 3. The Python wheel (python/): scripts/test-python.sh builds it, installs it into a fresh venv
+#    beside PyPI's torch, and runs pytest and the TRL recipe (about 6 min and 5.9 GB cold).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -28,3 +30,6 @@ cargo test --release --features candle
 
 echo "== GPU suite on the emulated CUDA device: scripts/test-emulated-gpu.sh"
 bash scripts/test-emulated-gpu.sh
+
+echo "== the Python wheel: scripts/test-python.sh"
+bash scripts/test-python.sh
