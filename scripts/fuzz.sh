@@ -5,8 +5,10 @@
 #
 #   scripts/fuzz.sh [SECONDS]    # each target runs SECONDS (default 60) from its seed corpus
 #
-# FUZZ_SEED=N fixes libFuzzer's random seed (CI sets it, so a CI run explores the same inputs
-# each time, as far as its time allows); unset, every run draws a new seed.
+# FUZZ_SEED=N fixes libFuzzer's random seed and starts from the seed corpus alone (CI sets it:
+# a CI run then mutates the same sequence of inputs each time; how far along it gets in the time
+# depends on the machine's speed); unset, every run draws a new seed and continues from the
+# inputs earlier runs kept in fuzz/work/.
 #
 # Stable works because the targets are built with `--sanitizer none`: libFuzzer needs only the
 # SanitizerCoverage instrumentation (stable `-C` flags), not AddressSanitizer (`-Z`, nightly);
@@ -36,6 +38,8 @@ failed=()
 for target in eval_input api; do
     # New inputs go to an ignored work folder, so the seed corpus in the repository stays as is.
     work="fuzz/work/$target"
+    # With a fixed seed, start from the seed corpus alone (not from inputs earlier runs kept).
+    [[ -n "${FUZZ_SEED:-}" ]] && rm -rf "$work"
     mkdir -p "$work"
     # No length ramp-up (-len_control=0): the api target turns input length into data, and a
     # one-minute run would otherwise spend itself on tiny inputs.

@@ -26,6 +26,10 @@ TEST_DEPS="torch==2.15.0 pytest==9.2.0 numpy==2.4.6"
 py="$root/.py"
 mkdir -p "$py"
 pip_q=(--quiet --disable-pip-version-check --root-user-action=ignore)
+# python3 with venv and ensurepip (Debian ships ensurepip in python3-venv).
+if ! command -v python3 >/dev/null || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+  apt-get update -qq && apt-get install -y -qq python3 python3-venv python3-dev >/dev/null
+fi
 
 site_of() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 

@@ -2,7 +2,6 @@
 //! applies (fuzz/src/checks.rs, compiled here with `#[path]`): `eval_input` reproducers are the
 //! safetensors files under fuzz/regressions/eval_input/, `api` reproducers the cases below
 //! (their raw fuzzer inputs are under fuzz/regressions/api/, replayed too).
-//!
 
 #[path = "../fuzz/src/api.rs"]
 mod api;

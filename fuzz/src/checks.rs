@@ -159,8 +159,17 @@ pub fn fit(out: &FitOutput, q: &[f64], layout: &GroupLayout, cfg: &FitConfig) ->
                     return Err(format!("group {g}'s KL(q || p_old) = {:e} < {:e}", k[g], xlogx(qsum)));
                 }
             }
-            if st.grad_norm[g] < 0.0 {
-                return Err(format!("group {g}'s gradient norm is {:e} < 0", st.grad_norm[g]));
+            // The reported norm is the returned gradient's Euclidean norm (computed here scaled by
+            // its largest entry, so neither overflow nor underflow hides a mismatch).
+            let gr = &out.grad[r.clone()];
+            let m = gr.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+            let norm =
+                if m == 0.0 { 0.0 } else { m * gr.iter().map(|x| (x / m).powi(2)).sum::<f64>().sqrt() };
+            if (st.grad_norm[g] - norm).abs() > 1e-12 * norm {
+                return Err(format!(
+                    "group {g}'s gradient norm is {:e}, the gradient's is {norm:e}",
+                    st.grad_norm[g]
+                ));
             }
         }
     }

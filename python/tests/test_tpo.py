@@ -397,6 +397,8 @@ BAD = [
     ("offsets order", lambda: tpo.loss_from_logits(Z, TOK, [0, 3, 2, 4], torch.ones(4), S[:3], 3), "offsets must increase"),
     ("offsets start", lambda: tpo.loss_from_logits(Z, TOK, [1, 2, 4], torch.ones(4), S[:2], 2), r"offsets\[0\] is 1"),
     ("temperature", lambda: tpo.loss_from_logits(Z, TOK, [0, 2, 4], torch.ones(4), S[:2], 2, temperature=0.0), "temperature must be"),
+    ("temperature None", lambda: tpo.loss_from_logits(Z, TOK, [0, 2, 4], torch.ones(4), S[:2], 2, temperature=None), "temperature must be a number"),
+    ("no mask", lambda: tpo.loss_from_logits(Z, TOK, [0, 2, 4], None, S[:2], 2), "tokens and completion_mask are required"),
     ("seq_reduce", lambda: tpo.loss_from_logits(Z, TOK, [0, 2, 4], torch.ones(4), S[:2], 2, seq_reduce="max"), "seq_reduce must be"),
     ("sampled -inf", lambda: tpo.loss_from_logits(torch.tensor([[NEG_INF, 0.0]] * 2), torch.tensor([0, 1]), [0, 1, 2], torch.ones(2), S[:2], 2), "sampled token's logit must be finite"),
     ("nan logits", lambda: tpo.loss_from_logits(torch.tensor([[math.nan, 0.0]] * 2), torch.tensor([1, 1]), [0, 1, 2], torch.ones(2), S[:2], 2), r"logits\[0\] is NaN"),

@@ -410,6 +410,13 @@ def _layout(n: int, group_sizes: Groups, group_index) -> Tuple[List[int], Option
     return sizes, None
 
 
+def _number(x, name: str) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {x!r}") from None
+
+
 def _config(eta, zero_std_threshold, reduction, global_num_groups, loss_form, anchor):
     if loss_form not in ("cross_entropy", "kl"):
         raise ValueError(f'loss_form must be "cross_entropy" or "kl", got {loss_form!r}')
@@ -515,6 +522,8 @@ def _token_args(tokens, seq_offsets, completion_mask, t: int):
         raise ValueError("seq_offsets needs S + 1 >= 2 entries (cu_seqlens: 0, end of sequence 1, ...)")
     if offsets[-1] != t:
         raise ValueError(f"seq_offsets end at {offsets[-1]}, but there are {t} tokens")
+    if tokens is None or completion_mask is None:
+        raise ValueError("tokens and completion_mask are required (1-D, one entry per token row)")
     mask = _check_values(completion_mask, "completion_mask", t, "real")
     return tokens, offsets, mask.ne(0)
 
@@ -592,7 +601,7 @@ def loss_from_logits(
     eta, zst, anc, kl, red, gng = cfg
     out = torch.ops.tpo.loss_from_logits(
         logits, tokens, offsets, mask, sizes, scores, logp_old, target,
-        float(temperature), diagnostics, seq_reduce, eta, zst, anc, kl, red, gng,
+        _number(temperature, "temperature"), diagnostics, seq_reduce, eta, zst, anc, kl, red, gng,
     )  # fmt: skip
     return _token_result(out, logp_old is not None, target is not None, return_target, diagnostics)
 
@@ -653,7 +662,7 @@ def loss_from_hidden(
     eta, zst, anc, kl, red, gng = _config(eta, zero_std_threshold, reduction, global_num_groups, loss_form, anchor)
     out = torch.ops.tpo.loss_from_hidden(
         hidden, lm_head_weight, tokens, offsets, mask, sizes, scores, logp_old, target,
-        float(temperature), diagnostics, seq_reduce, eta, zst, anc, kl, red, gng,
+        _number(temperature, "temperature"), diagnostics, seq_reduce, eta, zst, anc, kl, red, gng,
     )  # fmt: skip
     return _token_result(out, logp_old is not None, target is not None, return_target, diagnostics)
 

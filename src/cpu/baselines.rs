@@ -261,11 +261,13 @@ impl Method {
 
     fn cause(self) -> &'static str {
         match self {
-            Method::Reinforce | Method::Dg => "advantage times log-prob is past f64's range: rescale the scores",
-            Method::Grpo => {
-                "the ratio exp(logp - logp_old), the KL term exp(logp_old - logp) or an advantage term is past f64's range"
+            Method::Reinforce | Method::Dg => {
+                "an advantage, or advantage times log-prob or grad_scale, is past f64's range: rescale the scores"
             }
-            Method::Ppo => "the ratio exp(logp - logp_old) times an advantage is past f64's range",
+            Method::Grpo => {
+                "the ratio exp(logp - logp_old), the KL term exp(logp_old - logp), or a term times grad_scale is past f64's range"
+            }
+            Method::Ppo => "the ratio exp(logp - logp_old) times an advantage or grad_scale is past f64's range",
         }
     }
 }
@@ -280,22 +282,27 @@ fn check_baseline(b: Baseline) -> Result<()> {
 }
 
 fn advantages(s: &[f64], b: Baseline) -> Vec<f64> {
-    let b = match b {
-        Baseline::GroupMean => mean(s),
-        Baseline::Constant(c) => c,
-    };
-    s.iter().map(|x| x - b).collect()
+    match b {
+        Baseline::GroupMean => centred(s),
+        Baseline::Constant(c) => s.iter().map(|x| x - c).collect(),
+    }
 }
 
-/// The mean of finite values, finite even where their sum overflows (scores near `f64::MAX`).
-fn mean(s: &[f64]) -> f64 {
-    let k = s.len() as f64;
-    let sum = s.iter().sum::<f64>();
-    if sum.is_finite() {
-        sum / k
-    } else {
-        s.iter().map(|x| x / k).sum()
+/// `s_i - mean(s)` for finite scores, without overflow where the mean itself is representable:
+/// the scores are scaled by a power of two `2^-e` (exact) so the largest magnitude is below 1 and
+/// shifted by their maximum, `t_i = 2^-e s_i - max_j 2^-e s_j`, then `A_i = 2^e (t_i - mean(t))`.
+/// Equal scores give exactly 0 at any magnitude; an `A_i` past f64's range is `inf`, which the
+/// caller refuses.
+fn centred(s: &[f64]) -> Vec<f64> {
+    let m = s.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    if m == 0.0 {
+        return vec![0.0; s.len()];
     }
+    let e = super::binary_exponent(m);
+    let top = s.iter().map(|&x| super::ldexp(x, -e)).fold(f64::NEG_INFINITY, f64::max);
+    let t: Vec<f64> = s.iter().map(|&x| super::ldexp(x, -e) - top).collect();
+    let mean = t.iter().sum::<f64>() / t.len() as f64;
+    t.iter().map(|&x| super::ldexp(x - mean, e)).collect()
 }
 
 /// Validates the inputs, then runs `f(logps, scores, scratch, grad_out) -> group loss` group by

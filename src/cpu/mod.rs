@@ -361,10 +361,17 @@ fn fit_group(
 ) -> Result<GroupFit> {
     let (mx, ln_s) = logsumexp_parts(l);
     let qsum: f64 = q.iter().sum();
-    let (mut ce, mut kl, mut ent, mut gn) = (0.0, 0.0, 0.0, 0.0);
+    let (mut ce, mut kl, mut ent, mut dmax) = (0.0, 0.0, 0.0, 0.0f64);
     for i in 0..l.len() {
         let lp = if l[i] == f64::NEG_INFINITY { l[i] } else { (l[i] - mx) - ln_s };
         if q[i] > 0.0 {
+            if lp == f64::NEG_INFINITY && l[i].is_finite() {
+                return Err(TpoError::Overflow {
+                    method: "fit",
+                    place: format!("logp[{}]", start + i),
+                    cause: "it is more than f64::MAX below its group's maximum, so its log-softmax is past f64's range",
+                });
+            }
             if lp == f64::NEG_INFINITY {
                 return Err(TpoError::InfiniteLoss { index: start + i, q: q[i] });
             }
@@ -374,12 +381,27 @@ fn fit_group(
             ent -= q[i] * lq;
         }
         let d = qsum * lp.exp() - q[i];
-        grad[i] = scale * d;
-        gn += d * d;
+        grad[i] = d;
+        dmax = f64::max(dmax, d.abs());
     }
-    // |scale| sqrt(sum d^2): squaring the scaled gradient would overflow for a finite one.
-    // (Past f64's range only for |scale| near f64::MAX; the caller refuses that if it reports it.)
-    let grad_norm = scale.abs() * gn.sqrt();
+    // |scale| m sqrt(sum (d/m)^2) with m = max |d|: squaring scale d overflows, squaring d alone
+    // underflows below ~1e-162. (Past f64's range only for |scale| near f64::MAX; the caller
+    // refuses that if it reports the norm.)
+    let grad_norm = if dmax == 0.0 {
+        0.0
+    } else {
+        scale.abs() * dmax * grad.iter().map(|d| (d / dmax).powi(2)).sum::<f64>().sqrt()
+    };
+    for (i, g) in grad.iter_mut().enumerate() {
+        *g *= scale;
+        if !g.is_finite() {
+            return Err(TpoError::Overflow {
+                method: "fit",
+                place: format!("the gradient at member {}", start + i),
+                cause: "grad_scale times (sum(q) p - q) is past f64's range: reduce grad_scale",
+            });
+        }
+    }
     let loss = match form {
         LossForm::CrossEntropy => ce,
         LossForm::Kl => kl,

@@ -72,10 +72,12 @@ pub struct TokenLogprobs {
     /// `lse_t = row_max_t + log_sum_t` of the tempered logits, rounded to one `f64`. Past
     /// `|s| ~ 1e16` the rounding swallows `log_sum_t`; use the two parts for exact work.
     pub lse: Vec<f64>,
-    /// `row_max_t = max_v s_{t,v}`, the first part of `lse_t` (as the kernels keep it).
+    /// `row_max_t = max_v s_{t,v}`, the first part of `lse_t` (the kernels keep the same split,
+    /// with the maximum of the raw logits `z`, i.e. `tau` times this).
     pub row_max: Vec<f64>,
     /// `log_sum_t = ln sum_v exp(s_{t,v} - row_max_t)`, in `[0, ln V]`: the second part of `lse_t`,
-    /// so `p_{t,v} = exp((s_{t,v} - row_max_t) - log_sum_t)` exactly at any magnitude.
+    /// so `p_{t,v} = exp((s_{t,v} - row_max_t) - log_sum_t)` for the computed `s` at any magnitude
+    /// (`lse_t` as one number loses `log_sum_t` once `|s|` is past ~1e16).
     pub log_sum: Vec<f64>,
     /// `entropy_t`, when asked for.
     pub entropy: Option<Vec<f64>>,
@@ -141,8 +143,8 @@ pub fn token_logprobs<T: Scalar>(
                     allowed: "logits must be finite, or -inf to mask a vocabulary entry",
                 });
             }
-            // s = z / tau, divided (not z * (1/tau)): at |s| past ~1e16 one rounding of s moves
-            // log p by more than 1, so the reference computes the documented formula exactly.
+            // s = z / tau, divided (not z * (1/tau)) as documented: at |s| past ~1e16 one rounding
+            // of s moves log p by more than 1, so the two roundings must not differ.
             s[v] = z / cfg.temperature;
             if s[v].is_infinite() && z.is_finite() {
                 return Err(TpoError::NonFinite {
@@ -165,20 +167,23 @@ pub fn token_logprobs<T: Scalar>(
         // log p_y = (s_y - max) - ln S: forming max + ln S first would lose ln S for |s| past ~1e16.
         let (mx, ln_s) = super::logsumexp_parts(&s);
         let lse = mx + ln_s;
+        if s[y] - mx == f64::NEG_INFINITY {
+            return Err(TpoError::NonFinite {
+                name: "logits",
+                index: t * vocab + y,
+                value: s[y],
+                allowed: "the sampled token's logit / temperature is more than f64::MAX below the row's maximum (its log-prob is past f64's range)",
+            });
+        }
         out.logp.push((s[y] - mx) - ln_s);
         out.lse.push(lse);
         out.row_max.push(mx);
         out.log_sum.push(ln_s);
         if let Some(e) = out.entropy.as_mut() {
             // H = lse - sum_v p_v s_v = ln S - sum_v p_v (s_v - max), every term relative to max.
-            let mean_d: f64 = s
-                .iter()
-                .filter(|x| x.is_finite())
-                .map(|&x| {
-                    let d = x - mx;
-                    (d - ln_s).exp() * d
-                })
-                .sum();
+            // A member more than f64::MAX below the maximum (d = -inf) has p = 0 and adds nothing.
+            let mean_d: f64 =
+                s.iter().map(|&x| x - mx).filter(|d| d.is_finite()).map(|d| (d - ln_s).exp() * d).sum();
             e.push(ln_s - mean_d);
         }
     }
