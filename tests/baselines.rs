@@ -227,7 +227,10 @@ fn overflowing_losses_are_refused() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.starts_with("reinforce: group 1 overflows f64 (an advantage, or advantage times log-prob"), "{e}");
+    assert!(
+        e.starts_with("reinforce: group 1 overflows f64 (an advantage, or advantage times log-prob"),
+        "{e}"
+    );
     assert!(!e.contains('\n'));
     // GRPO: r = logp - logp_old = -1000, so the KL term exp(-r) overflows.
     let e = cpu::grpo(

@@ -240,6 +240,13 @@ fn fit_loss_with_logp_near_max_is_finite_or_refused() {
     api_file("fit-loss-inf-logp-near-max-2");
 }
 
+/// tpo_from_hidden with values near f16::MAX and a 126-wide hidden state: the backward's sums
+/// `sum_v dL/dz W` reached inf - inf = NaN, returned as Ok; now refused with one line.
+#[test]
+fn from_hidden_gradient_is_finite_or_refused() {
+    api_file("from-hidden-grad-nan-huge-products");
+}
+
 // ---- api findings outside the list (no fix in flight) ----
 
 /// A subnormal temperature: 1 / tau = inf and 0 * inf = NaN log-probs, returned as Ok.

@@ -481,6 +481,17 @@ pub fn tpo_from_hidden<T: Scalar>(
             }
         }
     }
+    // Finite logits gradients times finite h and W can still sum past f64's range (or to
+    // inf - inf = NaN): refuse rather than return them.
+    for (name, g) in [("dL/dh", &gh), ("dL/dW", &gw)] {
+        if let Some(i) = g.iter().position(|x| !x.is_finite()) {
+            return Err(TpoError::Overflow {
+                method: "tpo_from_hidden",
+                place: format!("{name}[{i}]"),
+                cause: "the logits gradient times the weight or hidden states sums past f64's range: rescale them",
+            });
+        }
+    }
     Ok(HiddenPath { logits_path: lp, grad_hidden: gh, grad_weight: gw })
 }
 
