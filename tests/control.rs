@@ -92,7 +92,7 @@ fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// `dL/dl` per member and the loss, by the textbook formulas (see the module docs of
+/// `dL/dl` per member and the loss (PPO's `sig` are its advantages), by the textbook formulas (see the module docs of
 /// `tpo::experiments::control` for the mapping), for members grouped by `groups` (ranges).
 fn hand_dl(
     m: ControlMethod,
@@ -187,14 +187,14 @@ fn every_update_goes_through_the_op_and_equals_a_hand_computation() {
         for (gi, lens) in batch.lengths.chunks(batch.group).enumerate() {
             let g0 = members.len();
             let rets = &batch.returns[gi * batch.group..(gi + 1) * batch.group];
-            let adv = zscore(rets);
+            let mean = rets.iter().sum::<f64>() / rets.len() as f64;
             for (e, &n) in lens.iter().enumerate() {
                 let steps = &per[start..start + n];
                 start += n;
                 if m.per_step() {
                     for s in steps {
                         members.push(s.clone());
-                        sig.push(if m == ControlMethod::Ppo { adv[e] } else { rets[e] });
+                        sig.push(if m == ControlMethod::Ppo { rets[e] - mean } else { rets[e] });
                     }
                 } else {
                     let l = steps.iter().map(|s| s.0).sum();
@@ -207,6 +207,14 @@ fn every_update_goes_through_the_op_and_equals_a_hand_computation() {
                 }
             }
             groups.push(g0..members.len());
+        }
+        if m == ControlMethod::Ppo {
+            // One group of every step; advantages normalised over the steps (sample deviation).
+            groups = vec![0..members.len()];
+            let n = sig.len() as f64;
+            let mean = sig.iter().sum::<f64>() / n;
+            let sd = (sig.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)).sqrt() + 1e-8;
+            sig.iter_mut().for_each(|x| *x = (*x - mean) / sd);
         }
         let l: Vec<f64> = members.iter().map(|x| x.0).collect();
         // First epoch (l_old = l), then a later epoch with l_old moved away, so that the PPO and

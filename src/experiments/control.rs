@@ -38,11 +38,12 @@
 //!   paper's sequence-level TPO ("K rollouts from one start state form a group; scores =
 //!   returns"). `q` depends only on the frozen `l_old` and the returns, so every epoch fits the
 //!   same target.
-//! * `ppo`: [`Method::ppo_clip`] (`eps = 0.2`) on the per-step log-probs `log pi(a_t | s_t)`:
-//!   members are the steps, a group is every step of the group's episodes, and each step's
-//!   advantage is its episode's z-scored return within the group (population deviation; 0 when
-//!   it is at most 1e-6), as PPO implementations without a critic normalise returns. The loss
-//!   is the mean over a group's steps, averaged over groups.
+//! * `ppo`: [`Method::ppo_clip`] (`eps = 0.2`) on the per-step log-probs `log pi(a_t | s_t)`,
+//!   one group holding every step of the batch (the loss is the mean over the batch's steps, as
+//!   in PPO implementations). There is no critic (the issue's policy is the MLP alone): a step's
+//!   advantage is its episode's return minus the mean return of the episodes from the same start
+//!   state, then normalised over the batch's steps, `(A - mean) / (sd + 1e-8)` with the sample
+//!   deviation, as PPO implementations normalise advantages.
 //! * `grpo`: [`Method::grpo`] (`eps = 0.2`, `beta = 0.04`) on the per-step log-probs, with each
 //!   step scored by its episode's return; the op z-scores the scores over the group's steps (so
 //!   an episode weighs by its length in the group's mean and deviation) and averages over the
@@ -87,7 +88,8 @@ pub const ACTIONS: usize = 2;
 pub enum ControlMethod {
     /// REINFORCE with the group-mean baseline, on sequence log-probs.
     Reinforce,
-    /// PPO-clip on per-step log-probs with group z-scored returns as advantages.
+    /// PPO-clip on per-step log-probs, advantages = return minus the start state's mean return,
+    /// normalised over the batch's steps.
     Ppo,
     /// GRPO on per-step log-probs, scored by the episode's return.
     Grpo,
@@ -142,9 +144,9 @@ impl ControlMethod {
                  group = the episodes from one start state; scores = returns"
             }
             ControlMethod::Ppo => {
-                "Method::ppo_clip(clip) on per-step log-probs; group = every step of the episodes from one \
-                 start state (loss averaged over its steps); advantage of a step = its episode's return \
-                 z-scored over the group's episodes (population deviation, 0 if <= 1e-6)"
+                "Method::ppo_clip(clip) on per-step log-probs; one group = every step of the batch (loss = mean \
+                 over steps); advantage of a step = its episode's return minus the mean return of the episodes \
+                 from its start state, normalised over the batch's steps ((A - mean) / (sd + 1e-8), sample sd)"
             }
             ControlMethod::Grpo => {
                 "Method::grpo(clip, beta) on per-step log-probs; group = every step of the episodes from one \
@@ -405,17 +407,17 @@ pub struct Frozen {
     pub logp_old: Vec<f32>,
 }
 
-/// The members' signal for `method`: returns per episode; per step, the episode's return
-/// (GRPO) or its group z-scored return (PPO's advantage).
+/// The members' signal for `method`: returns per episode (REINFORCE, DG, TPO); per step, the
+/// episode's return (GRPO) or PPO's advantage: the episode's return minus its group's mean
+/// return, normalised over every step of the batch as PPO implementations do
+/// (`(A - mean) / (sd + 1e-8)`, sample deviation over the steps).
 pub fn signal(method: ControlMethod, batch: &Batch) -> Vec<f64> {
     let per_episode: Vec<f64> = match method {
         ControlMethod::Ppo => {
             let mut a = Vec::with_capacity(batch.returns.len());
             for g in batch.returns.chunks(batch.group) {
-                let k = g.len() as f64;
-                let mean = g.iter().sum::<f64>() / k;
-                let sd = (g.iter().map(|r| (r - mean) * (r - mean)).sum::<f64>() / k).sqrt();
-                a.extend(g.iter().map(|r| if sd <= 1e-6 { 0.0 } else { (r - mean) / sd }));
+                let mean = g.iter().sum::<f64>() / g.len() as f64;
+                a.extend(g.iter().map(|r| r - mean));
             }
             a
         }
@@ -424,13 +426,29 @@ pub fn signal(method: ControlMethod, batch: &Batch) -> Vec<f64> {
     if !method.per_step() {
         return per_episode;
     }
-    batch.lengths.iter().zip(&per_episode).flat_map(|(&n, &s)| std::iter::repeat(s).take(n)).collect()
+    let mut s: Vec<f64> =
+        batch.lengths.iter().zip(&per_episode).flat_map(|(&n, &s)| std::iter::repeat(s).take(n)).collect();
+    if method == ControlMethod::Ppo {
+        let n = s.len() as f64;
+        let mean = s.iter().sum::<f64>() / n;
+        let var = if s.len() > 1 {
+            s.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        let sd = var.sqrt() + 1e-8;
+        s.iter_mut().for_each(|x| *x = (*x - mean) / sd);
+    }
+    s
 }
 
-/// The members' layout: groups of `group` episodes, or of their steps.
+/// The members' layout: groups of `group` episodes (REINFORCE, DG, TPO), of their steps (GRPO),
+/// or one group of every step of the batch (PPO: its loss is the mean over the batch's steps).
 pub fn layout(method: ControlMethod, batch: &Batch) -> crate::Result<GroupLayout> {
     let groups = batch.lengths.len() / batch.group;
-    if method.per_step() {
+    if method == ControlMethod::Ppo {
+        GroupLayout::uniform(1, batch.steps())
+    } else if method.per_step() {
         let sizes: Vec<usize> = batch.lengths.chunks(batch.group).map(|c| c.iter().sum()).collect();
         GroupLayout::from_sizes(&sizes)
     } else {
