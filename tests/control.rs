@@ -210,7 +210,8 @@ fn every_update_goes_through_the_op_and_equals_a_hand_computation() {
         }
         if m == ControlMethod::Ppo {
             // One group of every step; advantages normalised over the steps (sample deviation).
-            groups = vec![0..members.len()];
+            groups.clear();
+            groups.push(0..members.len());
             let n = sig.len() as f64;
             let mean = sig.iter().sum::<f64>() / n;
             let sd = (sig.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)).sqrt() + 1e-8;

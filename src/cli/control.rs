@@ -476,8 +476,11 @@ fn paint<DB: DrawingBackend>(
         }
         Fig::Stability => {
             lines.push(
-                "(top) KL(π_new ‖ π_old) of each batch's update (all its epochs), averaged over the batch's states; \
-                 (bottom) global gradient norm per Adam step, averaged over the batch's epochs."
+                "Top: KL(π_new ‖ π_old) of each batch's update (all its epochs), averaged over the batch's states."
+                    .to_string(),
+            );
+            lines.push(
+                "Bottom: global gradient norm ‖∇L‖ per Adam step, averaged over the batch's epochs."
                     .to_string(),
             );
             let kl_axis =

@@ -706,9 +706,8 @@ pub fn run_all(
     });
     let mut out = Vec::with_capacity(jobs.len());
     for s in slots {
-        match s.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(r) => out.push(r?),
-            None => {}
+        if let Some(r) = s.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            out.push(r?);
         }
     }
     if out.len() != jobs.len() {
