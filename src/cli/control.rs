@@ -226,7 +226,7 @@ impl MethodStats {
             "final": self.final_.0,
             "final_se": self.final_.1,
             "steps_to_threshold": self.steps_to_threshold(),
-            "updates_to_threshold": self.iter_to_threshold.map(|i| (i + 1) * self.epochs),
+            "updates_to_threshold": self.iter_to_threshold.map(|i| i * self.epochs),
             "iterations_to_threshold": self.iter_to_threshold.map(|i| i + 1),
             "seeds_reaching_threshold": self.solved,
             "per_seed_steps_to_threshold": self.per_seed_steps,
@@ -269,7 +269,7 @@ fn write_summary(
         "definitions": {
             "final": "mean over seeds of each seed's mean return over its last `final_window` batches; final_se: its standard error (null with 1 seed)",
             "steps_to_threshold": "environment steps (mean over seeds, cumulative) by the first batch at which the mean-over-seeds return curve reaches the threshold; null if it never does",
-            "updates_to_threshold": "Adam steps before that batch's update: iterations_to_threshold × epochs (the batch that reaches it is measured before its own update, so this counts the updates that preceded it plus that batch's)",
+            "updates_to_threshold": "Adam steps taken before that batch was rolled out ((iterations_to_threshold - 1) × epochs); iterations_to_threshold counts the rollout batches up to and including it",
             "per_seed_steps_to_threshold": "per seed: environment steps by its first batch with mean return >= threshold, or null",
             "collapse_fraction": "collapsed / seeds_reaching_threshold: a seed collapses when a later batch's mean return falls below collapse_below after it first reached the threshold; null if no seed reached it",
             "update_kl_mean": "KL(pi_new || pi_old) of each batch's update (all its epochs), averaged over the batch's states, then over batches and seeds",
@@ -505,10 +505,13 @@ fn paint<DB: DrawingBackend>(
             }
             if !zero.is_empty() {
                 lines.push(format!(
-                    "▼ on the bottom edge: mean exactly 0 (every episode of every seed scored alike: the update is 0), \
-                     which a log axis cannot show ({}).",
+                    "▼ on the bottom edge: mean exactly 0, which a log axis cannot show ({}).",
                     zero.join(", ")
                 ));
+                lines.push(
+                    "(A gradient norm of 0 in every seed: every group's episodes scored alike, so every loss was flat.)"
+                        .to_string(),
+                );
             }
             if !below.is_empty() {
                 lines.push(format!(
