@@ -47,8 +47,10 @@
 //! # Features
 //!
 //! * `cli` (default): the `tpo` command-line tool (`tpo eval`, `tpo reproduce`) and the crates
-//!   only it needs (argument parsing, safetensors, JSON, progress bars, figures). A library user
-//!   turns it off: `tpo = { version = "0.1", default-features = false }`.
+//!   only it needs (argument parsing, safetensors, JSON, progress bars, figures, its allocator);
+//!   it enables `candle`, which `tpo reproduce control` trains through. A library user turns it
+//!   off: `tpo = { version = "0.1", default-features = false }`.
+//! * `candle`: `tpo::candle`, the losses as candle ops with a backward.
 //! * `cuda`: the CUDA backend. Building it needs nvcc (no GPU); it links beside other cudarc
 //!   users such as candle-core with its `cuda` feature.
 //!
@@ -57,7 +59,7 @@
 //! The public API is [`cpu`], `cuda`, [`config`], [`layout`], [`error`], [`scalar`] and the
 //! re-exports below; it follows semver. Three modules are public only so that the `tpo` binary,
 //! the integration tests and the benchmarks (separate crates) can reach them, and are hidden from
-//! these docs: `experiments` (the paper's tabular experiments behind `tpo reproduce`, and the
+//! these docs: `experiments` (the paper's tabular and control experiments behind `tpo reproduce`, and the
 //! deterministic generator the tests and benchmarks draw from), `linear_plan` (the fused linear
 //! path's schedule, checked on the host by `tests/linear_plan.rs`) and `status` (the decoding of
 //! the kernels' error word, checked by the host-emulation tests). They may change in any release.

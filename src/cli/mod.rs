@@ -1,5 +1,6 @@
 //! Command-line front end: argument parsing and error reporting.
 
+mod control;
 mod eval;
 mod input;
 mod output;

@@ -16,6 +16,8 @@ use tpo::experiments::tabular::{
 pub enum Experiment {
     /// Both tabular bandit experiments (single context and multi context).
     Tabular,
+    /// CartPole-v1 with an MLP policy: TPO against REINFORCE, PPO, GRPO and DG (through tpo::candle).
+    Control,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -30,19 +32,24 @@ pub enum Backend {
 pub struct ReproduceArgs {
     /// Which experiment to run.
     pub experiment: Experiment,
-    /// Seeds averaged per method (>= 1).
-    #[arg(long, default_value_t = 100, value_parser = super::count, allow_hyphen_values = true)]
-    pub seeds: usize,
-    /// Steps per run, >= 1 (default: the paper's, 150 single-context and 1000 multi-context).
+    /// Seeds averaged per method, >= 1 (default: 100 for tabular, 20 for control).
+    #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
+    pub seeds: Option<usize>,
+    /// Steps per run, >= 1 (default: the paper's, 150 single-context and 1000 multi-context;
+    /// control: rollout batches of 16 episodes, 60).
     #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub steps: Option<usize>,
+    /// control only: gradient epochs per rollout batch, >= 1 (default: the sweep 1, 4 and 16).
+    #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
+    pub epochs: Option<usize>,
     /// Backend for TPO's target and fit.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
-    /// Output folder for the JSON results and the figures (created if missing). Existing result
-    /// files in it are refused before the run starts, unless --force.
-    #[arg(long, default_value = "results")]
-    pub out: PathBuf,
+    /// Output folder for the JSON results and the figures (created if missing; default `results`,
+    /// for control `results/control`). Existing result files in it are refused before the run
+    /// starts, unless --force.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Overwrite existing result files in the --out folder (never a read-only file).
     #[arg(long)]
     pub force: bool,
@@ -71,9 +78,15 @@ fn cuda_backend() -> Result<Box<dyn TpoBackend>, String> {
 }
 
 pub fn run(a: ReproduceArgs) -> Result<(), String> {
-    let Experiment::Tabular = a.experiment;
+    if a.experiment == Experiment::Control {
+        return super::control::run(a);
+    }
+    if a.epochs.is_some() {
+        return Err("--epochs applies to `tpo reproduce control` only".into());
+    }
+    let (seeds, out) = (a.seeds.unwrap_or(100), a.out.clone().unwrap_or_else(|| PathBuf::from("results")));
     // The parsers refuse 0; these guard callers that build the arguments by hand.
-    if a.seeds == 0 {
+    if seeds == 0 {
         return Err("--seeds must be at least 1".into());
     }
     if a.steps == Some(0) || a.threads == Some(0) {
@@ -81,27 +94,27 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     }
     let policy = Policy::new(a.force, &[]);
     // Every file is checked before the run, so a long run never ends in a refusal.
-    if a.out.exists() && !a.out.is_dir() {
-        return Err(format!("--out {} is not a folder", a.out.display()));
+    if out.exists() && !out.is_dir() {
+        return Err(format!("--out {} is not a folder", out.display()));
     }
     for name in FILES {
-        output::check(&a.out.join(name), &policy)?;
+        output::check(&out.join(name), &policy)?;
     }
     let be = backend(a.backend)?;
     let threads =
         a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
-    std::fs::create_dir_all(&a.out)
-        .map_err(|e| format!("cannot create the folder {}: {}", a.out.display(), io_text(&e)))?;
+    std::fs::create_dir_all(&out)
+        .map_err(|e| format!("cannot create the folder {}: {}", out.display(), io_text(&e)))?;
 
-    let single = SingleConfig { seeds: a.seeds, steps: a.steps.unwrap_or(150), ..SingleConfig::default() };
-    let multi = MultiConfig { seeds: a.seeds, steps: a.steps.unwrap_or(1000), ..MultiConfig::default() };
+    let single = SingleConfig { seeds, steps: a.steps.unwrap_or(150), ..SingleConfig::default() };
+    let multi = MultiConfig { seeds, steps: a.steps.unwrap_or(1000), ..MultiConfig::default() };
     let t0 = Instant::now();
 
-    let bar = progress(SINGLE_METHODS.len() * a.seeds, "single context");
+    let bar = progress(SINGLE_METHODS.len() * seeds, "single context");
     let be_ref: &dyn TpoBackend = be.as_ref();
     let job = |m, s| single_run(&single, m, s, be_ref);
     let single_curves =
-        run_all(&SINGLE_METHODS, a.seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
+        run_all(&SINGLE_METHODS, seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let single_steps: Vec<f64> = (0..single.steps).map(|t| t as f64).collect();
     let single_config = json!({
@@ -114,7 +127,7 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         "seed": single.seed,
     });
     write_json(
-        &a.out.join("tabular_single.json"),
+        &out.join("tabular_single.json"),
         &policy,
         single_config,
         &single_steps,
@@ -122,7 +135,7 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         "before",
     )?;
     draw(
-        &a.out,
+        &out,
         "tabular_single",
         &policy,
         &Figure {
@@ -143,10 +156,10 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         },
     )?;
 
-    let bar = progress(MULTI_METHODS.len() * a.seeds, "multi context");
+    let bar = progress(MULTI_METHODS.len() * seeds, "multi context");
     let job = |m, s| multi_run(&multi, m, s, be_ref);
     let multi_curves =
-        run_all(&MULTI_METHODS, a.seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
+        run_all(&MULTI_METHODS, seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let multi_steps: Vec<f64> = (1..=multi.steps).map(|t| t as f64).collect();
     let multi_config = json!({
@@ -158,16 +171,9 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         "seeds": multi.seeds,
         "seed": multi.seed,
     });
-    write_json(
-        &a.out.join("tabular_multi.json"),
-        &policy,
-        multi_config,
-        &multi_steps,
-        &multi_curves,
-        "after",
-    )?;
+    write_json(&out.join("tabular_multi.json"), &policy, multi_config, &multi_steps, &multi_curves, "after")?;
     draw(
-        &a.out,
+        &out,
         "tabular_multi",
         &policy,
         &Figure {
@@ -188,8 +194,8 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         },
     )?;
 
-    let over = if a.seeds >= 2 {
-        format!("means over {}", seeds_text(a.seeds))
+    let over = if seeds >= 2 {
+        format!("means over {}", seeds_text(seeds))
     } else {
         "1 seed: no standard errors (null in the JSON)".to_string()
     };
@@ -201,11 +207,11 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     println!();
     println!(
         "{}, TPO on {}, {} threads, {:.1} s; wrote {}/tabular_{{single,multi}}.{{json,png,svg}}",
-        seeds_text(a.seeds),
+        seeds_text(seeds),
         be.name(),
         threads,
         t0.elapsed().as_secs_f64(),
-        a.out.display()
+        out.display()
     );
     Ok(())
 }

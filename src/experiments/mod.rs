@@ -3,8 +3,10 @@
 //! [`tabular`] holds the two tabular bandit experiments (single context, sampled gradients;
 //! many contexts, exact population gradients) comparing TPO with PG, DG, GRPO and the CE
 //! oracle. They are deterministic for a given seed. [`cartpole`] is CartPole-v1 with
-//! Gymnasium's exact dynamics, for the neural control experiments.
+//! Gymnasium's exact dynamics, and `control` (feature `candle`) the neural control experiment on it.
 
 pub mod cartpole;
+#[cfg(feature = "candle")]
+pub mod control;
 pub mod rng;
 pub mod tabular;
