@@ -16,7 +16,7 @@ use std::path::Path;
 use tpo::experiments::tabular::{Method, MethodCurves};
 
 /// The one font the figures use, embedded (DejaVu Sans), so no system fonts are needed.
-fn register_font() {
+pub fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // The embedded font is a valid TrueType file; a failure would leave text undrawn, not crash.
@@ -194,7 +194,7 @@ impl LogAxis {
 }
 
 /// "1e-4".
-fn decade_label(v: f64) -> String {
+pub fn decade_label(v: f64) -> String {
     format!("{v:.0e}")
 }
 
@@ -217,10 +217,10 @@ pub fn step_ticks(lo: f64, hi: f64) -> Vec<f64> {
 }
 
 /// A linear axis whose ticks (labelled) and light grid lines are given.
-struct Ticked {
-    range: std::ops::Range<f64>,
-    bold: Vec<f64>,
-    light: Vec<f64>,
+pub struct Ticked {
+    pub range: std::ops::Range<f64>,
+    pub bold: Vec<f64>,
+    pub light: Vec<f64>,
 }
 
 impl Ranged for Ticked {

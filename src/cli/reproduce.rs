@@ -16,6 +16,8 @@ use tpo::experiments::tabular::{
 pub enum Experiment {
     /// Both tabular bandit experiments (single context and multi context).
     Tabular,
+    /// Token reversal with a candle transformer (--reward bag|terminal, --vocab, --length).
+    Reversal,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -30,10 +32,11 @@ pub enum Backend {
 pub struct ReproduceArgs {
     /// Which experiment to run.
     pub experiment: Experiment,
-    /// Seeds averaged per method (>= 1).
-    #[arg(long, default_value_t = 100, value_parser = super::count, allow_hyphen_values = true)]
-    pub seeds: usize,
-    /// Steps per run, >= 1 (default: the paper's, 150 single-context and 1000 multi-context).
+    /// Seeds averaged per method, >= 1 (default: 100 tabular, 2 reversal).
+    #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
+    pub seeds: Option<usize>,
+    /// Steps per run, >= 1 (default: tabular the paper's, 150 single-context and 1000
+    /// multi-context; reversal 120 bag, 40 terminal).
     #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub steps: Option<usize>,
     /// Backend for TPO's target and fit.
@@ -49,6 +52,8 @@ pub struct ReproduceArgs {
     /// Worker threads, >= 1 (default: all cores). Results do not depend on it.
     #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub reversal: super::reversal::ReversalArgs,
 }
 
 fn backend(b: Backend) -> Result<Box<dyn TpoBackend>, String> {
@@ -71,9 +76,25 @@ fn cuda_backend() -> Result<Box<dyn TpoBackend>, String> {
 }
 
 pub fn run(a: ReproduceArgs) -> Result<(), String> {
-    let Experiment::Tabular = a.experiment;
+    if a.experiment == Experiment::Reversal {
+        if a.backend != Backend::Cpu {
+            return Err("--backend applies to tabular only (reversal runs on candle's CPU backend)".into());
+        }
+        return super::reversal::run(super::reversal::Request {
+            args: &a.reversal,
+            seeds: a.seeds,
+            steps: a.steps,
+            out: &a.out,
+            force: a.force,
+            threads: a.threads,
+        });
+    }
+    if let Some(flag) = a.reversal.any_given() {
+        return Err(format!("{flag} applies to reversal only"));
+    }
+    let seeds = a.seeds.unwrap_or(100);
     // The parsers refuse 0; these guard callers that build the arguments by hand.
-    if a.seeds == 0 {
+    if seeds == 0 {
         return Err("--seeds must be at least 1".into());
     }
     if a.steps == Some(0) || a.threads == Some(0) {
@@ -93,15 +114,15 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     std::fs::create_dir_all(&a.out)
         .map_err(|e| format!("cannot create the folder {}: {}", a.out.display(), io_text(&e)))?;
 
-    let single = SingleConfig { seeds: a.seeds, steps: a.steps.unwrap_or(150), ..SingleConfig::default() };
-    let multi = MultiConfig { seeds: a.seeds, steps: a.steps.unwrap_or(1000), ..MultiConfig::default() };
+    let single = SingleConfig { seeds: seeds, steps: a.steps.unwrap_or(150), ..SingleConfig::default() };
+    let multi = MultiConfig { seeds: seeds, steps: a.steps.unwrap_or(1000), ..MultiConfig::default() };
     let t0 = Instant::now();
 
-    let bar = progress(SINGLE_METHODS.len() * a.seeds, "single context");
+    let bar = progress(SINGLE_METHODS.len() * seeds, "single context");
     let be_ref: &dyn TpoBackend = be.as_ref();
     let job = |m, s| single_run(&single, m, s, be_ref);
     let single_curves =
-        run_all(&SINGLE_METHODS, a.seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
+        run_all(&SINGLE_METHODS, seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let single_steps: Vec<f64> = (0..single.steps).map(|t| t as f64).collect();
     let single_config = json!({
@@ -143,10 +164,10 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         },
     )?;
 
-    let bar = progress(MULTI_METHODS.len() * a.seeds, "multi context");
+    let bar = progress(MULTI_METHODS.len() * seeds, "multi context");
     let job = |m, s| multi_run(&multi, m, s, be_ref);
     let multi_curves =
-        run_all(&MULTI_METHODS, a.seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
+        run_all(&MULTI_METHODS, seeds, threads, &job, &|| bar.inc(1)).map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let multi_steps: Vec<f64> = (1..=multi.steps).map(|t| t as f64).collect();
     let multi_config = json!({
@@ -188,8 +209,8 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         },
     )?;
 
-    let over = if a.seeds >= 2 {
-        format!("means over {}", seeds_text(a.seeds))
+    let over = if seeds >= 2 {
+        format!("means over {}", seeds_text(seeds))
     } else {
         "1 seed: no standard errors (null in the JSON)".to_string()
     };
@@ -201,7 +222,7 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     println!();
     println!(
         "{}, TPO on {}, {} threads, {:.1} s; wrote {}/tabular_{{single,multi}}.{{json,png,svg}}",
-        seeds_text(a.seeds),
+        seeds_text(seeds),
         be.name(),
         threads,
         t0.elapsed().as_secs_f64(),
