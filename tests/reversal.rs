@@ -6,7 +6,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use std::process::Command;
 use tpo::experiments::muon::{newton_schulz, MuonAdam, MuonConfig, ParamKind};
-use tpo::experiments::reversal::{self, error, target, token_rewards, Method, Model, ModelConfig, ReversalConfig, Reward, Trainer};
+use tpo::experiments::reversal::{
+    self, error, target, token_rewards, Method, Model, ModelConfig, ReversalConfig, Reward, Trainer,
+};
 use tpo::experiments::rng::Rng;
 
 type R<T> = candle_core::Result<T>;
@@ -44,7 +46,11 @@ fn transformer_gradients_match_finite_differences() -> R<()> {
     let h = 1e-5;
     let mut checked = 0;
     for (p, (v, _)) in m.params().iter().enumerate() {
-        let g = grads.get(v.as_tensor()).expect("every parameter has a gradient").flatten_all()?.to_vec1::<f64>()?;
+        let g = grads
+            .get(v.as_tensor())
+            .expect("every parameter has a gradient")
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         let base = v.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         // Three entries per parameter (all of the small ones).
         let n = base.len();
@@ -58,7 +64,11 @@ fn transformer_gradients_match_finite_differences() -> R<()> {
             let fd = (at(h)? - at(-h)?) / (2.0 * h);
             v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu)?)?;
             let tol = 1e-6 * (1.0 + fd.abs());
-            assert!((g[i] - fd).abs() < tol, "parameter {p} entry {i}: candle {} vs finite difference {fd}", g[i]);
+            assert!(
+                (g[i] - fd).abs() < tol,
+                "parameter {p} entry {i}: candle {} vs finite difference {fd}",
+                g[i]
+            );
             checked += 1;
         }
     }
@@ -74,7 +84,10 @@ fn cached_forward_equals_the_full_forward() -> R<()> {
     let full: Vec<u32> = prompts.iter().chain(&answers).copied().collect();
     let (lp_full, _) = m.forward(&u32s(&full, (1, 6))?, 0, None)?;
     let want = lp_full.narrow(1, 2, 3)?.flatten_all()?.to_vec1::<f64>()?;
-    let got = m.answer_logp(&u32s(&prompts, (1, 3))?, &u32s(&answers, (1, 3))?, 1)?.flatten_all()?.to_vec1::<f64>()?;
+    let got = m
+        .answer_logp(&u32s(&prompts, (1, 3))?, &u32s(&answers, (1, 3))?, 1)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     for (a, b) in got.iter().zip(&want) {
         assert!((a - b).abs() < 1e-12, "{a} vs {b}");
     }
@@ -97,10 +110,14 @@ fn cached_forward_equals_the_full_forward() -> R<()> {
 }
 
 /// Eigenvalues of a symmetric matrix (cyclic Jacobi).
+#[allow(clippy::needless_range_loop)] // the rotation reads two columns at once
 fn eigenvalues(mut a: Vec<Vec<f64>>) -> Vec<f64> {
     let n = a.len();
     for _ in 0..100 {
-        let off: f64 = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i][j].powi(2)).sum();
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i][j].powi(2))
+            .sum();
         if off < 1e-22 {
             break;
         }
@@ -144,7 +161,8 @@ fn newton_schulz_gives_near_orthogonal_updates() -> R<()> {
     let mut r = Rng::new(3);
     for &(rows, cols) in &[(64usize, 256usize), (256, 64), (2, 32), (16, 64), (64, 2)] {
         // An input with one direction ten times the others.
-        let x: Vec<f64> = (0..rows * cols).map(|i| r.normal() * (1.0 + 9.0 * ((i % cols) == 0) as u8 as f64)).collect();
+        let x: Vec<f64> =
+            (0..rows * cols).map(|i| r.normal() * (1.0 + 9.0 * ((i % cols) == 0) as u8 as f64)).collect();
         let x = Tensor::from_vec(x, (rows, cols), &Device::Cpu)?.to_dtype(DType::F32)?;
         let o = newton_schulz(&x, 1e-8)?;
         assert_eq!(o.dims2()?, (rows, cols));
@@ -154,7 +172,11 @@ fn newton_schulz_gives_near_orthogonal_updates() -> R<()> {
         // into about [0.68, 1.13]; the one far larger direction is no larger than the rest.
         assert!(hi < 1.25, "{rows}x{cols}: largest singular value {hi}");
         let near_one = sv.iter().filter(|&&s| (0.6..1.25).contains(&s)).count();
-        assert!(near_one * 10 >= sv.len() * 9, "{rows}x{cols}: singular values {lo}..{hi}, {near_one} of {} near 1", sv.len());
+        assert!(
+            near_one * 10 >= sv.len() * 9,
+            "{rows}x{cols}: singular values {lo}..{hi}, {near_one} of {} near 1",
+            sv.len()
+        );
     }
     Ok(())
 }
@@ -203,7 +225,7 @@ fn rewards_and_errors_on_hand_made_cases() {
     assert_eq!(target(&[1, 0, 0, 1, 1]), [1, 1, 0, 0, 1]);
     assert_eq!(target(&[3]), [3]);
     let y = target(&[0, 1, 2]); // [2, 1, 0]
-    // Bag of tokens: one reward per position.
+                                // Bag of tokens: one reward per position.
     assert_eq!(token_rewards(&[2, 1, 0], &y, Reward::Bag), [1.0, 1.0, 1.0]);
     assert_eq!(token_rewards(&[2, 0, 0], &y, Reward::Bag), [1.0, 0.0, 1.0]);
     assert_eq!(token_rewards(&[0, 1, 2], &y, Reward::Bag), [0.0, 1.0, 0.0]);
@@ -216,8 +238,10 @@ fn rewards_and_errors_on_hand_made_cases() {
         .flat_map(|a| token_rewards(a, &y, Reward::Bag))
         .collect();
     assert!((error(&bag) - 5.0 / 12.0).abs() < 1e-15); // 3 + 2 + 1 + 1 of 12 right
-    let term: Vec<f64> =
-        [[2, 1, 0], [2, 0, 0], [2, 1, 0], [1, 1, 1]].iter().flat_map(|a| token_rewards(a, &y, Reward::Terminal)).collect();
+    let term: Vec<f64> = [[2, 1, 0], [2, 0, 0], [2, 1, 0], [1, 1, 1]]
+        .iter()
+        .flat_map(|a| token_rewards(a, &y, Reward::Terminal))
+        .collect();
     assert!((error(&term) - 0.5).abs() < 1e-15);
 }
 
@@ -226,12 +250,18 @@ fn rewards_and_errors_on_hand_made_cases() {
 fn small(reward: Reward) -> ReversalConfig {
     match reward {
         Reward::Bag => ReversalConfig { batch: 6, k: 3, epochs: 2, ..ReversalConfig::paper(reward, 3, 3, 3) },
-        Reward::Terminal => ReversalConfig { batch: 8, k: 3, epochs: 2, ..ReversalConfig::paper(reward, 2, 2, 3) },
+        Reward::Terminal => {
+            ReversalConfig { batch: 8, k: 3, epochs: 2, ..ReversalConfig::paper(reward, 2, 2, 3) }
+        }
     }
 }
 
 fn params_of(t: &Trainer) -> Vec<Vec<f32>> {
-    t.model().params().iter().map(|(v, _)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    t.model()
+        .params()
+        .iter()
+        .map(|(v, _)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
 }
 
 #[test]
@@ -244,7 +274,10 @@ fn short_runs_are_deterministic_and_every_method_learns_something() -> Result<()
             let a = reversal::run(&cfg, m, 7, &|| {})?;
             std::env::set_var("RAYON_NUM_THREADS", "2");
             let b = reversal::run(&cfg, m, 7, &|| {})?;
-            assert_eq!(a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
             let (mut t1, mut t2) = (Trainer::new(&cfg, m, 7)?, Trainer::new(&cfg, m, 7)?);
             let p0 = params_of(&t1);
             for _ in 0..2 {
@@ -280,7 +313,18 @@ fn cli_writes_the_same_results_with_one_or_two_threads() {
     for threads in ["1", "2"] {
         let out = scratch(&format!("threads{threads}"));
         let o = tpo()
-            .args(["reproduce", "reversal", "--reward", "terminal", "--length", "2", "--seeds", "2", "--steps", "2"])
+            .args([
+                "reproduce",
+                "reversal",
+                "--reward",
+                "terminal",
+                "--length",
+                "2",
+                "--seeds",
+                "2",
+                "--steps",
+                "2",
+            ])
             .args(["--threads", threads, "--out"])
             .arg(&out)
             .output()
@@ -301,7 +345,19 @@ fn cli_writes_the_same_results_with_one_or_two_threads() {
         curves.push(doc["methods"].to_string());
         // A second run into the same folder is refused without --force, in one line.
         let again = tpo()
-            .args(["reproduce", "reversal", "--reward", "terminal", "--length", "2", "--seeds", "1", "--steps", "1", "--out"])
+            .args([
+                "reproduce",
+                "reversal",
+                "--reward",
+                "terminal",
+                "--length",
+                "2",
+                "--seeds",
+                "1",
+                "--steps",
+                "1",
+                "--out",
+            ])
             .arg(&out)
             .output()
             .unwrap();
@@ -339,4 +395,3 @@ fn cli_errors_are_one_line() {
     assert_eq!(std::fs::read(&out).unwrap(), b"mine");
     let _ = std::fs::remove_file(&out);
 }
-

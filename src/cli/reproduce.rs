@@ -114,8 +114,8 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     std::fs::create_dir_all(&a.out)
         .map_err(|e| format!("cannot create the folder {}: {}", a.out.display(), io_text(&e)))?;
 
-    let single = SingleConfig { seeds: seeds, steps: a.steps.unwrap_or(150), ..SingleConfig::default() };
-    let multi = MultiConfig { seeds: seeds, steps: a.steps.unwrap_or(1000), ..MultiConfig::default() };
+    let single = SingleConfig { seeds, steps: a.steps.unwrap_or(150), ..SingleConfig::default() };
+    let multi = MultiConfig { seeds, steps: a.steps.unwrap_or(1000), ..MultiConfig::default() };
     let t0 = Instant::now();
 
     let bar = progress(SINGLE_METHODS.len() * seeds, "single context");

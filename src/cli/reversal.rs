@@ -79,7 +79,8 @@ pub fn run(r: Request) -> Result<(), String> {
     let vocab = r.args.vocab.unwrap_or(2);
     let length = r.args.length.unwrap_or(if reward == Reward::Bag { 10 } else { 7 });
     let seeds = r.seeds.unwrap_or(DEFAULT_SEEDS);
-    let steps = r.steps.unwrap_or(if reward == Reward::Bag { DEFAULT_STEPS_BAG } else { DEFAULT_STEPS_TERMINAL });
+    let steps =
+        r.steps.unwrap_or(if reward == Reward::Bag { DEFAULT_STEPS_BAG } else { DEFAULT_STEPS_TERMINAL });
     if seeds == 0 || steps == 0 || r.threads == Some(0) {
         return Err("--seeds, --steps and --threads must be at least 1".into());
     }
@@ -117,7 +118,7 @@ pub fn run(r: Request) -> Result<(), String> {
     bar.set_message(format!("{} V={vocab} H={length}", reward_name(reward)));
     let t0 = Instant::now();
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<Vec<f64>, String>>>> = Mutex::new(vec![None; jobs.len()]);
+    let results: Mutex<Vec<Option<RunResult>>> = Mutex::new(vec![None; jobs.len()]);
     std::thread::scope(|sc| {
         for _ in 0..workers {
             sc.spawn(|| loop {
@@ -150,7 +151,9 @@ pub fn run(r: Request) -> Result<(), String> {
     let stats: Vec<Stats> = curves.iter().map(|(m, c)| Stats::new(*m, c)).collect();
     let metric = match reward {
         Reward::Bag => "sequence error: 1 - mean bag-of-tokens reward of the step's behaviour rollouts",
-        Reward::Terminal => "exact-match error: 1 - fraction of the step's rollouts that equal the reversed prompt",
+        Reward::Terminal => {
+            "exact-match error: 1 - fraction of the step's rollouts that equal the reversed prompt"
+        }
     };
     let config = json!({
         "reward": reward_name(reward),
@@ -240,6 +243,9 @@ pub fn run(r: Request) -> Result<(), String> {
     Ok(())
 }
 
+/// One run's error curve, or why it failed.
+type RunResult = Result<Vec<f64>, String>;
+
 /// The error threshold of `steps_to_threshold` (1%).
 pub const THRESHOLD: f64 = 0.01;
 
@@ -283,7 +289,8 @@ impl Stats {
             se.push(sd.map(|x| x / (n as f64).sqrt()));
         }
         let tail = (steps / 10).max(1);
-        let per_seed: Vec<f64> = c.iter().map(|s| s[steps - tail..].iter().sum::<f64>() / tail as f64).collect();
+        let per_seed: Vec<f64> =
+            c.iter().map(|s| s[steps - tail..].iter().sum::<f64>() / tail as f64).collect();
         let (fin, sd) = mean_sd(&per_seed);
         Stats {
             method,
@@ -336,13 +343,15 @@ fn draw(
     {
         let png = base.with_extension("png");
         let root = BitMapBackend::new(&png, size).into_drawing_area();
-        figure(&root, title, y_label, stats, seeds).map_err(|e| rename(format!("drawing {}: {e}", png.display())))?;
+        figure(&root, title, y_label, stats, seeds)
+            .map_err(|e| rename(format!("drawing {}: {e}", png.display())))?;
         root.present().map_err(|e| rename(format!("writing {}: {e}", png.display())))?;
     }
     {
         let svg = base.with_extension("svg");
         let root = SVGBackend::new(&svg, size).into_drawing_area();
-        figure(&root, title, y_label, stats, seeds).map_err(|e| rename(format!("drawing {}: {e}", svg.display())))?;
+        figure(&root, title, y_label, stats, seeds)
+            .map_err(|e| rename(format!("drawing {}: {e}", svg.display())))?;
         root.present().map_err(|e| rename(format!("writing {}: {e}", svg.display())))?;
     }
     for ext in ["png", "svg"] {
@@ -412,23 +421,31 @@ fn figure<DB: DrawingBackend>(
         .axis_desc_style(("sans-serif", 16))
         .draw()?;
     let thr = y_of(THRESHOLD);
-    chart.draw_series(DashedLineSeries::new(vec![(x0, thr), (x1, thr)], 8, 6, RGBColor(120, 120, 120).stroke_width(1)))?;
+    chart.draw_series(DashedLineSeries::new(
+        vec![(x0, thr), (x1, thr)],
+        8,
+        6,
+        RGBColor(120, 120, 120).stroke_width(1),
+    ))?;
     for s in stats {
         let c = color(s.method);
         let xs: Vec<f64> = (0..s.mean.len()).map(|t| t as f64).collect();
         if let Some(se) = &s.se {
-            let mut band: Vec<(f64, f64)> = xs.iter().zip(s.mean.iter().zip(se)).map(|(&x, (m, e))| (x, y_of(m + e))).collect();
+            let mut band: Vec<(f64, f64)> =
+                xs.iter().zip(s.mean.iter().zip(se)).map(|(&x, (m, e))| (x, y_of(m + e))).collect();
             band.extend(xs.iter().zip(s.mean.iter().zip(se)).rev().map(|(&x, (m, e))| (x, y_of(m - e))));
             chart.draw_series(std::iter::once(Polygon::new(band, c.mix(0.18).filled())))?;
         }
-        let pts: Vec<(f64, f64)> = xs.iter().zip(&s.mean).map(|(&x, &m)| (x, y_of(axis.place(m).0))).collect();
+        let pts: Vec<(f64, f64)> =
+            xs.iter().zip(&s.mean).map(|(&x, &m)| (x, y_of(axis.place(m).0))).collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
             .label(s.method.name())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
         for (&(x, y), &m) in pts.iter().zip(&s.mean) {
             if axis.place(m).1 {
-                let tri = EmptyElement::at((x, y)) + Polygon::new(vec![(-5, -9), (5, -9), (0, -1)], c.filled());
+                let tri =
+                    EmptyElement::at((x, y)) + Polygon::new(vec![(-5, -9), (5, -9), (0, -1)], c.filled());
                 chart.plotting_area().draw(&tri)?;
             }
         }

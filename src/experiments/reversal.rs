@@ -81,8 +81,15 @@ pub enum Method {
 
 impl Method {
     /// Every method, in the order of the results.
-    pub const ALL: [Method; 7] =
-        [Method::TpoToken, Method::GrpoToken, Method::Ppo, Method::Dg, Method::Tpo, Method::Grpo, Method::GrpoNoKl];
+    pub const ALL: [Method; 7] = [
+        Method::TpoToken,
+        Method::GrpoToken,
+        Method::Ppo,
+        Method::Dg,
+        Method::Tpo,
+        Method::Grpo,
+        Method::GrpoNoKl,
+    ];
 
     /// The key of the method in the results (`tpo_token`, ...).
     pub fn name(self) -> &'static str {
@@ -178,7 +185,19 @@ pub struct ReversalConfig {
 impl ReversalConfig {
     /// The paper's settings for a reward, vocabulary and length, with `steps` steps.
     pub fn paper(reward: Reward, vocab: usize, length: usize, steps: usize) -> Self {
-        Self { reward, vocab, length, batch: 100, k: 8, epochs: 4, lr: 1e-4, eta: 1.0, clip: 0.2, beta: 0.04, steps }
+        Self {
+            reward,
+            vocab,
+            length,
+            batch: 100,
+            k: 8,
+            epochs: 4,
+            lr: 1e-4,
+            eta: 1.0,
+            clip: 0.2,
+            beta: 0.04,
+            steps,
+        }
     }
 
     /// Checks the settings and that `method` fits the reward (token-level groups need the bag
@@ -293,7 +312,10 @@ impl Model {
         let mut blocks = Vec::new();
         let lecun = |fan_in: usize| Init::TruncNormal(1.0 / (fan_in as f64).sqrt());
         for _ in 0..cfg.layers {
-            let ln1 = (mk(&[d], Init::Const(1.0), ParamKind::Adam, rng)?, mk(&[d], Init::Const(0.0), ParamKind::Adam, rng)?);
+            let ln1 = (
+                mk(&[d], Init::Const(1.0), ParamKind::Adam, rng)?,
+                mk(&[d], Init::Const(0.0), ParamKind::Adam, rng)?,
+            );
             // Flax's query/key/value kernels are [d, heads, d_head] (3-D: Adam) and their biases
             // [heads, d_head] (2-D: Muon); the output kernel is [heads, d_head, d] (Adam).
             let wq = mk(&[d, d], lecun(d), ParamKind::Adam, rng)?;
@@ -304,14 +326,20 @@ impl Model {
             let bv = mk(&[d], Init::Const(0.0), mat(h, dh), rng)?;
             let wo = mk(&[d, d], lecun(d), ParamKind::Adam, rng)?;
             let bo = mk(&[d], Init::Const(0.0), ParamKind::Adam, rng)?;
-            let ln2 = (mk(&[d], Init::Const(1.0), ParamKind::Adam, rng)?, mk(&[d], Init::Const(0.0), ParamKind::Adam, rng)?);
+            let ln2 = (
+                mk(&[d], Init::Const(1.0), ParamKind::Adam, rng)?,
+                mk(&[d], Init::Const(0.0), ParamKind::Adam, rng)?,
+            );
             let w1 = mk(&[d, f], lecun(d), mat(d, f), rng)?;
             let b1 = mk(&[f], Init::Const(0.0), ParamKind::Adam, rng)?;
             let w2 = mk(&[f, d], lecun(f), mat(f, d), rng)?;
             let b2 = mk(&[d], Init::Const(0.0), ParamKind::Adam, rng)?;
             blocks.push(Block { ln1, wq, bq, wk, bk, wv, bv, wo, bo, ln2, w1, b1, w2, b2 });
         }
-        let lnf = (mk(&[d], Init::Const(1.0), ParamKind::Adam, rng)?, mk(&[d], Init::Const(0.0), ParamKind::Adam, rng)?);
+        let lnf = (
+            mk(&[d], Init::Const(1.0), ParamKind::Adam, rng)?,
+            mk(&[d], Init::Const(0.0), ParamKind::Adam, rng)?,
+        );
         let head_w = mk(&[d, v], lecun(d), mat(d, v), rng)?;
         let head_b = mk(&[v], Init::Const(0.0), ParamKind::Adam, rng)?;
         Ok(Self { cfg, tok, pos, blocks, lnf, head_w, head_b, params })
@@ -331,7 +359,12 @@ impl Model {
     /// which sit at positions `start..start + L` after the cached ones (`past`, covering
     /// positions `0..start`, or none when `start = 0`); also the keys and values of all
     /// `start + L` positions, for a later call.
-    pub fn forward(&self, tokens: &Tensor, start: usize, past: Option<&KvCache>) -> Result<(Tensor, KvCache)> {
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        start: usize,
+        past: Option<&KvCache>,
+    ) -> Result<(Tensor, KvCache)> {
         let (n, l) = tokens.dims2()?;
         let c = &self.cfg;
         let (d, h) = (c.d_model, c.heads);
@@ -368,7 +401,10 @@ impl Model {
             if let Some(p) = past {
                 let (pk, pv) = &p[i];
                 if pk.dim(2)? != start {
-                    candle_core::bail!("the cache holds {} positions, the forward starts at {start}", pk.dim(2)?);
+                    candle_core::bail!(
+                        "the cache holds {} positions, the forward starts at {start}",
+                        pk.dim(2)?
+                    );
                 }
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;
@@ -493,7 +529,9 @@ impl CustomOp1 for GeluTanh {
             candle_core::bail!("gelu: the input must be contiguous");
         };
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(v[a..b].iter().map(|&x| gelu_f(f64::from(x)) as f32).collect()),
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(v[a..b].iter().map(|&x| gelu_f(f64::from(x)) as f32).collect())
+            }
             CpuStorage::F64(v) => CpuStorage::F64(v[a..b].iter().map(|&x| gelu_f(x)).collect()),
             _ => candle_core::bail!("gelu: f32 or f64 only"),
         };
@@ -547,7 +585,7 @@ pub struct Trainer {
 
 /// A seed for the stream of `(seed, step, purpose)`, via splitmix64 mixing inside [`Rng::new`].
 fn stream(seed: u64, step: usize, method: Option<Method>, purpose: u64) -> Rng {
-    let mut r = Rng::new(seed ^ 0x5EED_0F_7E7E);
+    let mut r = Rng::new(seed ^ 0x005E_ED0F_7E7E);
     let a = r.next_u64();
     let key = a
         ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -572,8 +610,9 @@ impl Trainer {
         let mcfg = ModelConfig::paper(cfg.vocab, 2 * cfg.length);
         let mut init = stream(seed, 0, None, 1);
         let model = Model::new(mcfg, DType::F32, &mut init).map_err(|e| e.to_string())?;
-        let opt = MuonAdam::new(model.params().to_vec(), MuonConfig { lr: 10.0 * cfg.lr, ..MuonConfig::default() })
-            .map_err(|e| e.to_string())?;
+        let opt =
+            MuonAdam::new(model.params().to_vec(), MuonConfig { lr: 10.0 * cfg.lr, ..MuonConfig::default() })
+                .map_err(|e| e.to_string())?;
         Ok(Self { cfg: *cfg, method, seed, model, opt, step: 0 })
     }
 
@@ -599,7 +638,10 @@ impl Trainer {
         if rep > 1 {
             let idx = repeat_index(b, rep)?;
             last = last.index_select(&idx, 0)?;
-            kv = kv.into_iter().map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))).collect::<Result<_>>()?;
+            kv = kv
+                .into_iter()
+                .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
+                .collect::<Result<_>>()?;
         }
         let mut actions = vec![0u32; n * h];
         let mut cands = vec![0u32; n * h * c];
@@ -698,7 +740,11 @@ impl Trainer {
             Method::Dg => CMethod::dg(cfg.eta),
         };
         let signal = Tensor::from_vec(signal, layout.len(), &dev)?;
-        let cand_t = if m.is_token_level() { Some(Tensor::from_vec(ro.cands.clone(), (b, h, k), &dev)?) } else { None };
+        let cand_t = if m.is_token_level() {
+            Some(Tensor::from_vec(ro.cands.clone(), (b, h, k), &dev)?)
+        } else {
+            None
+        };
         let mut old: Option<Tensor> = None;
         let mut first_loss = 0.0;
         for e in 0..epochs {
