@@ -36,7 +36,7 @@ pub struct ReproduceArgs {
     #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub seeds: Option<usize>,
     /// Steps per run, >= 1 (default: tabular the paper's, 150 single-context and 1000
-    /// multi-context; reversal 120 bag, 40 terminal).
+    /// multi-context; reversal 100 bag, 40 terminal).
     #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub steps: Option<usize>,
     /// Backend for TPO's target and fit.

@@ -56,7 +56,7 @@ impl ReversalArgs {
 /// Default seeds and steps per reward (chosen so that a default run takes <= 15 minutes on the
 /// shared 2-core machine; see the README for the measured times and the paper's settings).
 pub const DEFAULT_SEEDS: usize = 2;
-const DEFAULT_STEPS_BAG: usize = 120;
+const DEFAULT_STEPS_BAG: usize = 100;
 const DEFAULT_STEPS_TERMINAL: usize = 40;
 
 const FILES: [&str; 4] = ["summary.json", "reversal.json", "reversal.png", "reversal.svg"];
