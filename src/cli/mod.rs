@@ -6,6 +6,7 @@ mod input;
 mod output;
 mod plot;
 mod reproduce;
+mod reversal;
 mod tensors;
 
 use clap::error::ErrorKind;

@@ -194,7 +194,7 @@ impl LogAxis {
 }
 
 /// "1e-4".
-fn decade_label(v: f64) -> String {
+pub fn decade_label(v: f64) -> String {
     format!("{v:.0e}")
 }
 

@@ -18,6 +18,8 @@ pub enum Experiment {
     Tabular,
     /// CartPole-v1 with an MLP policy: TPO against REINFORCE, PPO, GRPO and DG (through tpo::candle).
     Control,
+    /// Token reversal with a candle transformer (--reward bag|terminal, --vocab, --length).
+    Reversal,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -32,11 +34,11 @@ pub enum Backend {
 pub struct ReproduceArgs {
     /// Which experiment to run.
     pub experiment: Experiment,
-    /// Seeds averaged per method, >= 1 (default: 100 for tabular, 20 for control).
+    /// Seeds averaged per method, >= 1 (default: 100 tabular, 20 control, 2 reversal).
     #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub seeds: Option<usize>,
-    /// Steps per run, >= 1 (default: the paper's, 150 single-context and 1000 multi-context;
-    /// control: rollout batches of 16 episodes, 60).
+    /// Steps per run, >= 1 (default: tabular the paper's, 150 single-context and 1000
+    /// multi-context; control 60 rollout batches of 16 episodes; reversal 100 bag, 40 terminal).
     #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub steps: Option<usize>,
     /// control only: gradient epochs per rollout batch, >= 1 (default: the sweep 1, 4 and 16).
@@ -46,7 +48,7 @@ pub struct ReproduceArgs {
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
     /// Output folder for the JSON results and the figures (created if missing; default `results`,
-    /// for control `results/control`). Existing result files in it are refused before the run
+    /// for control `results/control`, for reversal `results/reversal`). Existing result files in it are refused before the run
     /// starts, unless --force.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -56,6 +58,8 @@ pub struct ReproduceArgs {
     /// Worker threads, >= 1 (default: all cores). Results do not depend on it.
     #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub reversal: super::reversal::ReversalArgs,
 }
 
 fn backend(b: Backend) -> Result<Box<dyn TpoBackend>, String> {
@@ -78,11 +82,30 @@ fn cuda_backend() -> Result<Box<dyn TpoBackend>, String> {
 }
 
 pub fn run(a: ReproduceArgs) -> Result<(), String> {
+    if a.experiment != Experiment::Reversal {
+        if let Some(flag) = a.reversal.any_given() {
+            return Err(format!("{flag} applies to reversal only"));
+        }
+    }
+    if a.experiment != Experiment::Control && a.epochs.is_some() {
+        return Err("--epochs applies to `tpo reproduce control` only".into());
+    }
     if a.experiment == Experiment::Control {
         return super::control::run(a);
     }
-    if a.epochs.is_some() {
-        return Err("--epochs applies to `tpo reproduce control` only".into());
+    if a.experiment == Experiment::Reversal {
+        if a.backend != Backend::Cpu {
+            return Err("--backend applies to tabular only (reversal runs on candle's CPU backend)".into());
+        }
+        let out = a.out.clone().unwrap_or_else(|| PathBuf::from("results/reversal"));
+        return super::reversal::run(super::reversal::Request {
+            args: &a.reversal,
+            seeds: a.seeds,
+            steps: a.steps,
+            out: &out,
+            force: a.force,
+            threads: a.threads,
+        });
     }
     let (seeds, out) = (a.seeds.unwrap_or(100), a.out.clone().unwrap_or_else(|| PathBuf::from("results")));
     // The parsers refuse 0; these guard callers that build the arguments by hand.
