@@ -247,6 +247,14 @@ fn from_hidden_gradient_is_finite_or_refused() {
     api_file("from-hidden-grad-nan-huge-products");
 }
 
+/// logits_grad with a subnormal upstream gradient (1.7e-320) and tau = 4e-94: g (1 - p) kept
+/// few digits before the division magnified them, so the row summed to 3e-229 against terms of
+/// 4e-227; the reference now divides by tau first.
+#[test]
+fn logits_grad_with_subnormal_upstream_sums_to_zero() {
+    api_file("logits-grad-subnormal-upstream-tiny-temperature");
+}
+
 // ---- api findings outside the list (no fix in flight) ----
 
 /// A subnormal temperature: 1 / tau = inf and 0 * inf = NaN log-probs, returned as Ok.

@@ -277,7 +277,10 @@ pub fn logits_grad<T: Scalar>(
             let s = logits[t * vocab + v].to_f64() / tau;
             let p = if s == f64::NEG_INFINITY { 0.0 } else { ((s - mx) - ln_s).exp() };
             let onehot = if v == tokens[t] as usize { 1.0 } else { 0.0 };
-            let x = g * (onehot - p) / tau;
+            // (g / tau) first: g * (1 - p) in the subnormal range keeps few digits, which the
+            // division by a tiny tau would then magnify; g * (...) / tau only where g / tau alone
+            // overflows (every |onehot - p| <= 1).
+            let x = if (g / tau).is_finite() { (g / tau) * (onehot - p) } else { g * (onehot - p) / tau };
             if !x.is_finite() {
                 return Err(TpoError::NonFinite {
                     name: "logits gradient",
