@@ -652,11 +652,7 @@ fn log_panel<DB: DrawingBackend>(
         .y_label_area_size(70)
         .build_cartesian_2d(
             Ticked { range: 0.0..n, bold: step_ticks(0.0, n), light: Vec::new() },
-            Ticked {
-                range: axis.lo as f64..axis.hi as f64,
-                bold: axis.decades().into_iter().map(f64::from).collect(),
-                light: axis.minor().into_iter().map(f64::log10).collect(),
-            },
+            axis.ticked(),
         )?;
     chart
         .configure_mesh()

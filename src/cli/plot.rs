@@ -181,6 +181,16 @@ impl LogAxis {
         (self.lo..self.hi).flat_map(|k| (2..10).map(move |m| m as f64 * decade(k))).collect()
     }
 
+    /// The axis in log10 space as a linear [`Ticked`] axis: every decade labelled, the minor
+    /// grid lines light (plotted values are `log10(v)`).
+    pub fn ticked(&self) -> Ticked {
+        Ticked {
+            range: self.lo as f64..self.hi as f64,
+            bold: self.decades().into_iter().map(f64::from).collect(),
+            light: self.minor().into_iter().map(f64::log10).collect(),
+        }
+    }
+
     /// Where a mean is drawn, and whether it is marked as below the axis: a value under the
     /// floor (or 0) sits on the bottom edge.
     pub fn place(&self, v: f64) -> (f64, bool) {
@@ -338,7 +348,6 @@ fn panel<DB: DrawingBackend>(
     let (series, axis) = (&data.series, data.axis);
     // Drawn in log10 space on a linear axis, so that the ticks are exactly the decades.
     let (lo, hi) = (axis.floor(), decade(axis.hi));
-    let (ylo, yhi) = (axis.lo as f64, axis.hi as f64);
     let y_of = |v: f64| v.clamp(lo, hi).log10();
     let first = fig.steps.first().copied().unwrap_or(0.0);
     let last = fig.steps.last().copied().unwrap_or(1.0);
@@ -356,14 +365,7 @@ fn panel<DB: DrawingBackend>(
         .margin_bottom(4)
         .x_label_area_size(45)
         .y_label_area_size(84)
-        .build_cartesian_2d(
-            Ticked { range: x0..x1, bold: x_ticks, light: Vec::new() },
-            Ticked {
-                range: ylo..yhi,
-                bold: axis.decades().into_iter().map(f64::from).collect(),
-                light: axis.minor().into_iter().map(f64::log10).collect(),
-            },
-        )?;
+        .build_cartesian_2d(Ticked { range: x0..x1, bold: x_ticks, light: Vec::new() }, axis.ticked())?;
     chart
         .configure_mesh()
         .x_desc(fig.x_label)

@@ -405,11 +405,7 @@ fn figure<DB: DrawingBackend>(
         .y_label_area_size(80)
         .build_cartesian_2d(
             Ticked { range: x0..x1, bold: step_ticks(x0, x1), light: Vec::new() },
-            Ticked {
-                range: axis.lo as f64..axis.hi as f64,
-                bold: axis.decades().into_iter().map(f64::from).collect(),
-                light: axis.minor().into_iter().map(f64::log10).collect(),
-            },
+            axis.ticked(),
         )?;
     chart
         .configure_mesh()
