@@ -454,7 +454,7 @@ mod logits_path {
     use tpo::cpu::tokens::{self, PathConfig, SeqReduce, SequenceBatch, TargetSource, TokenConfig};
     use tpo::cuda::{DeviceSequenceBatch, DeviceTarget, PathAlloc};
 
-    fn rand_logits(rows: usize, vocab: usize, scale: f64, seed: u64) -> Vec<f64> {
+    pub(super) fn rand_logits(rows: usize, vocab: usize, scale: f64, seed: u64) -> Vec<f64> {
         let mut rng = tpo::experiments::rng::Rng::new(seed);
         (0..rows * vocab).map(|_| scale * (2.0 * rng.uniform() - 1.0)).collect()
     }
@@ -707,5 +707,219 @@ mod fused_linear {
             within("grad_hidden", gh, &gh_ref, scale(&gh_ref), GRAD_RTOL).unwrap();
             within("grad_weight", gw, &gw_ref, scale(&gw_ref), GRAD_RTOL).unwrap();
         }
+    }
+}
+
+// ---- borrowed memory and streams (borrow.rs): what PyTorch and candle hand the kernels --------
+
+mod borrowed {
+    use super::logits_path::rand_logits;
+    use super::*;
+    use cudarc::driver::DevicePtr;
+    use tpo::cpu::tokens::{PathConfig, SeqReduce, TokenConfig};
+    use tpo::cuda::{Borrowed, DeviceSequenceBatch, DeviceTarget, PathAlloc};
+
+    /// The device address of a buffer the library made (as a tensor's `data_ptr()`).
+    fn addr<T>(tpo: &CudaTpo, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(tpo.stream()).0
+    }
+
+    /// A view of `s` through its raw address.
+    fn lend<T: cudarc::driver::DeviceRepr>(tpo: &CudaTpo, s: &CudaSlice<T>) -> Borrowed<T> {
+        // SAFETY: `s` is a live buffer of `tpo`'s context, of `s.len()` elements, that outlives
+        // the returned view (every caller drops the view first), and all work is stream-ordered.
+        unsafe { tpo.borrow("test buffer", addr(tpo, s), s.len()) }.unwrap()
+    }
+
+    fn bits<T: DeviceFloat>(tpo: &CudaTpo, s: &CudaSlice<T>) -> Vec<u64> {
+        host(tpo, s).into_iter().map(f64::to_bits).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases(12)))]
+
+        /// The group call on borrowed inputs, on a stream the library does not own, writing
+        /// into borrowed (poisoned) outputs, gives the owned call's bits.
+        #[test]
+        fn group_call_on_borrowed_memory_and_stream(
+            sizes in prop::collection::vec(1usize..300, 1..12),
+            with_old in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let base = gpu().lock().unwrap();
+            let b = random_batch(sizes, seed);
+            let layout = b.layout();
+            let (tc, fc) = (TargetConfig::default(), FitConfig { diagnostics: true, ..FitConfig::default() });
+            let (l, _) = to_dev::<bf16>(&base, &b.logp);
+            let (lo, _) = to_dev::<bf16>(&base, &b.logp_old);
+            let s = base.to_device(&b.scores.iter().map(|&x| x as f32).collect::<Vec<_>>()).unwrap();
+            // Owned, on the backend's own stream.
+            let dl = base.layout(&layout).unwrap();
+            let mut want = base.alloc_fused::<f32>(&dl, true).unwrap();
+            base.target_and_fit(&l, with_old.then_some(&lo), &s, &dl, &tc, &fc, &mut want).unwrap();
+            base.check(&want.fit.status, &dl).unwrap();
+            // Borrowed, on a stream made elsewhere (here by cudarc, as PyTorch would make it).
+            let other = base.stream().context().new_stream().unwrap();
+            // SAFETY: `other` is a live stream of the backend's context and outlives `tpo`.
+            let tpo = unsafe { base.with_borrowed_stream(other.cu_stream() as u64) };
+            prop_assert_eq!(tpo.stream().cu_stream(), other.cu_stream());
+            let dl = tpo.layout(&layout).unwrap();
+            let (bl, blo, bs) = (lend(&tpo, &l), lend(&tpo, &lo), lend(&tpo, &s));
+            let mut out = tpo.alloc_fused::<f32>(&dl, true).unwrap();
+            tpo.target_and_fit(&bl, with_old.then_some(&*blo), &bs, &dl, &tc, &fc, &mut out).unwrap();
+            tpo.check(&out.fit.status, &dl).unwrap();
+            let mut q_dst = tpo.to_device(&vec![f32::NAN; layout.len()]).unwrap();
+            let mut g_dst = tpo.to_device(&vec![f32::NAN; layout.len()]).unwrap();
+            let mut st_dst = tpo.to_device(&vec![f32::NAN; 5 * layout.num_groups()]).unwrap();
+            {
+                let (mut q, mut g, mut st) = (lend(&tpo, &q_dst), lend(&tpo, &g_dst), lend(&tpo, &st_dst));
+                q.copy_from(&tpo, &out.q).unwrap();
+                g.copy_from(&tpo, &out.fit.grad).unwrap();
+                st.copy_from_at(&tpo, layout.num_groups(), out.fit.stats.as_ref().unwrap()).unwrap();
+                // One past the end is refused, not written.
+                let e = st.copy_from_at(&tpo, 2 * layout.num_groups(), out.fit.stats.as_ref().unwrap());
+                prop_assert!(e.is_err());
+            }
+            tpo.synchronize().unwrap();
+            prop_assert_eq!(bits(&tpo, &q_dst), bits(&base, &want.q));
+            prop_assert_eq!(bits(&tpo, &g_dst), bits(&base, &want.fit.grad));
+            prop_assert_eq!(bits(&tpo, &out.fit.loss), bits(&base, &want.fit.loss));
+            let st = host(&tpo, &st_dst);
+            let nb = layout.num_groups();
+            prop_assert!(st[..nb].iter().all(|x| x.is_nan()), "rows before the offset were written");
+            let want_st: Vec<u64> = bits(&base, want.fit.stats.as_ref().unwrap());
+            prop_assert_eq!(st[nb..].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want_st);
+            // The owner's buffers are still theirs: readable, and freed by their owner only.
+            drop((bl, blo, bs));
+            prop_assert_eq!(host(&tpo, &l).len(), layout.len());
+            q_dst = tpo.to_device(&[0.0f32]).unwrap();
+            g_dst = tpo.to_device(&[0.0f32]).unwrap();
+            st_dst = tpo.to_device(&[0.0f32]).unwrap();
+            drop((q_dst, g_dst, st_dst, l, lo, s));
+            tpo.synchronize().unwrap();
+        }
+    }
+
+    #[test]
+    fn logits_path_forward_then_backward_in_borrowed_memory() {
+        // The autograd split a PyTorch op makes: the forward reads the (borrowed) logits, the
+        // backward writes dL/dlogits over a borrowed copy of them; both equal the fused call.
+        let base = gpu().lock().unwrap();
+        let other = base.stream().context().new_stream().unwrap();
+        // SAFETY: `other` is a live stream of the backend's context and outlives `tpo`.
+        let tpo = unsafe { base.with_borrowed_stream(other.cu_stream() as u64) };
+        let lens = [5usize, 9, 3, 7];
+        let (rows, vocab) = (lens.iter().sum::<usize>(), 301usize);
+        let zf: Vec<f32> = rand_logits(rows, vocab, 8.0, 5).iter().map(|&x| x as f32).collect();
+        let toks: Vec<u32> = (0..rows as u32).map(|i| (i * 37) % vocab as u32).collect();
+        let seqs = tpo.layout(&GroupLayout::from_sizes(&lens).unwrap()).unwrap();
+        let groups = tpo.layout(&GroupLayout::uniform(2, 2).unwrap()).unwrap();
+        let y = tpo.to_device(&toks).unwrap();
+        let m = tpo.to_device(&(0..rows).map(|i| u8::from(i % 4 != 0)).collect::<Vec<_>>()).unwrap();
+        let s = tpo.to_device(&[1.0f32, 0.0, 0.5, 2.0]).unwrap();
+        let cfg = PathConfig {
+            tokens: TokenConfig { temperature: 0.8, entropy: true, reduce: SeqReduce::Sum },
+            ..PathConfig::default()
+        };
+        let batch = DeviceSequenceBatch { tokens: &y, seqs: &seqs, mask: &m, groups: &groups };
+        // Reference: the fused call on owned logits.
+        let mut z = tpo.to_device(&zf).unwrap();
+        let alloc = PathAlloc { entropy: true, stats: true, ..PathAlloc::default() };
+        let mut want = tpo.alloc_logits_path::<f32>(vocab, &seqs, &groups, alloc).unwrap();
+        tpo.tpo_from_logits(&mut z, vocab, &batch, DeviceTarget::OnPolicy { scores: &s }, &cfg, &mut want)
+            .unwrap();
+        // Forward on borrowed logits, which it must not write.
+        let z_owner = tpo.to_device(&zf).unwrap();
+        let bz = lend(&tpo, &z_owner);
+        let mut fwd = tpo
+            .alloc_logits_path::<f32>(vocab, &seqs, &groups, PathAlloc { in_place: true, ..alloc })
+            .unwrap();
+        poison(&tpo, &mut fwd.group.q);
+        tpo.tpo_forward_from_logits(
+            &bz,
+            vocab,
+            &batch,
+            DeviceTarget::OnPolicy { scores: &s },
+            &cfg,
+            &mut fwd,
+        )
+        .unwrap();
+        tpo.check(&fwd.tokens.status, &seqs).unwrap();
+        tpo.check(&fwd.group.fit.status, &groups).unwrap();
+        assert_eq!(
+            bits(&tpo, &z_owner),
+            bits(&tpo, &tpo.to_device(&zf).unwrap()),
+            "forward wrote the logits"
+        );
+        for (name, got, exp) in [
+            ("loss", &fwd.group.fit.loss, &want.group.fit.loss),
+            ("target", &fwd.group.q, &want.group.q),
+            ("seq_logp", &fwd.seq_logp, &want.seq_logp),
+            ("token_logp", &fwd.tokens.logp, &want.tokens.logp),
+            ("entropy", fwd.tokens.entropy.as_ref().unwrap(), want.tokens.entropy.as_ref().unwrap()),
+        ] {
+            assert_eq!(bits(&tpo, got), bits(&tpo, exp), "{name} differs from the fused call");
+        }
+        // Backward: a copy of the logits, borrowed, overwritten by the gradient (stored target).
+        let grad_owner = tpo.to_device(&zf).unwrap();
+        let mut bg = lend(&tpo, &grad_owner);
+        let mut bwd = tpo
+            .alloc_logits_path::<f32>(
+                vocab,
+                &seqs,
+                &groups,
+                PathAlloc { in_place: true, stored_target: true, ..PathAlloc::default() },
+            )
+            .unwrap();
+        let stored = DeviceTarget::Stored { target: &fwd.group.q };
+        tpo.tpo_from_logits_borrowed(&mut bg, vocab, &batch, stored, &cfg, &mut bwd).unwrap();
+        tpo.check(&bwd.group.fit.status, &groups).unwrap();
+        drop(bg);
+        assert_eq!(bits(&tpo, &grad_owner), bits(&tpo, want.grad_logits.as_ref().unwrap()), "dlogits differ");
+        // Out-of-place path buffers are refused by the in-place borrowed call.
+        let mut bg = lend(&tpo, &grad_owner);
+        let e = tpo
+            .tpo_from_logits_borrowed(&mut bg, vocab, &batch, stored, &cfg, &mut want)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("in_place"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_are_refused_with_one_line() {
+        let tpo = gpu().lock().unwrap();
+        let buf = tpo.to_device(&[1.0f32; 16]).unwrap();
+        let p = addr(&tpo, &buf);
+        let host_vec = [0.0f32; 16];
+        let host_addr = host_vec.as_ptr() as u64;
+        // SAFETY (all below): each call is refused before any memory is touched (asserted).
+        let cases: Vec<(&str, Result<Borrowed<f32>, tpo::TpoError>)> = vec![
+            ("null", unsafe { tpo.borrow("x", 0, 4) }),
+            ("misaligned", unsafe { tpo.borrow("x", p + 2, 4) }),
+            ("past the end", unsafe { tpo.borrow("x", p + 4, 16) }),
+            ("host memory", unsafe { tpo.borrow("x", host_addr, 16) }),
+            ("overflow", unsafe { tpo.borrow("x", p, usize::MAX / 2) }),
+        ];
+        for (what, r) in cases {
+            let e = r.expect_err(what).to_string();
+            assert!(
+                e.starts_with("CUDA error: borrowed buffer `x`") || e.contains("borrowed buffer `x`"),
+                "{what}: {e}"
+            );
+            assert!(!e.contains('\n'), "{what}: not one line: {e}");
+        }
+        // Exactly the allocation, or its tail, is fine; an empty view needs no address.
+        // SAFETY: inside `buf`, which outlives the views.
+        unsafe {
+            assert_eq!(tpo.borrow::<f32>("x", p, 16).unwrap().len(), 16);
+            assert_eq!(tpo.borrow::<f32>("x", p + 60, 1).unwrap().len(), 1);
+            assert_eq!(tpo.borrow::<f32>("x", 0, 0).unwrap().len(), 0);
+        }
+        // The views freed nothing: the owner's buffer is intact and freed once, by its owner.
+        assert_eq!(tpo.to_host(&buf).unwrap(), vec![1.0f32; 16]);
+        drop(buf);
+        tpo.synchronize().unwrap();
+        let again = tpo.to_device(&[2.0f32; 4]).unwrap();
+        assert_eq!(tpo.to_host(&again).unwrap(), vec![2.0f32; 4]);
     }
 }

@@ -618,6 +618,31 @@ EXPORT CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream s) {
     return do_free(dptr);
 }
 
+// The attributes of the allocation holding `p` that a library borrowing memory asks for (CUDA
+// enum CUpointer_attribute): CONTEXT (1), MEMORY_TYPE (2, always DEVICE = 2), DEVICE_ORDINAL (9),
+// RANGE_START_ADDR (11), RANGE_SIZE (12). An address in no live allocation is
+// CUDA_ERROR_INVALID_VALUE, as the driver answers for unregistered host memory.
+EXPORT CUresult cuPointerGetAttribute(void* data, int attribute, CUdeviceptr p) {
+    std::lock_guard<std::recursive_mutex> g(g_mu);
+    if (!g_init) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!data) return fail(CUDA_ERROR_INVALID_VALUE, "cuPointerGetAttribute: null output");
+    auto it = g_allocs.upper_bound(static_cast<uintptr_t>(p));
+    if (it == g_allocs.begin()) return fail(CUDA_ERROR_INVALID_VALUE, "cuPointerGetAttribute: 0x%llx is not device memory", (unsigned long long)p);
+    --it;
+    const uintptr_t base = it->first;
+    const size_t size = it->second.size;
+    if (p >= base + size && !(size == 0 && p == base))
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuPointerGetAttribute: 0x%llx is not inside a live allocation", (unsigned long long)p);
+    switch (attribute) {
+        case 1: *static_cast<CUcontext*>(data) = it->second.ctx; return CUDA_SUCCESS;
+        case 2: *static_cast<unsigned*>(data) = 2; return CUDA_SUCCESS;
+        case 9: *static_cast<int*>(data) = 0; return CUDA_SUCCESS;
+        case 11: *static_cast<CUdeviceptr*>(data) = base; return CUDA_SUCCESS;
+        case 12: *static_cast<size_t*>(data) = size; return CUDA_SUCCESS;
+        default: return fail(CUDA_ERROR_NOT_SUPPORTED, "cuPointerGetAttribute: attribute %d is not emulated", attribute);
+    }
+}
+
 EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     std::lock_guard<std::recursive_mutex> g(g_mu);
     EmuCtx* ctx;

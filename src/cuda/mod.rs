@@ -37,8 +37,10 @@ use std::sync::Arc;
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
+mod borrow;
 mod linear;
 mod tokens;
+pub use borrow::Borrowed;
 pub use linear::{FusedLinear, LinearOutputs, GEMM_TILE};
 pub use tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers, PathAlloc, TokenBuffers};
 

@@ -337,6 +337,26 @@ impl CudaTpo {
         }
     }
 
+    /// The forward half of [`tpo_from_logits`](Self::tpo_from_logits): token log-probs, sequence
+    /// sums and the group call (loss, target, per-sequence and per-token gradients
+    /// `dL/dl_i`, `g_t`), without the backward to the logits, which are only read. A trainer that
+    /// needs the loss now and `dL/dlogits` later (an autograd forward) calls this, then
+    /// [`logits_backward`](Self::logits_backward) with `out.tokens` and `out.token_grad`. Five
+    /// launches, no allocation, no host synchronisation.
+    pub fn tpo_forward_from_logits<T: DeviceFloat, G: DeviceFloat>(
+        &self,
+        logits: &CudaSlice<T>,
+        vocab: usize,
+        batch: &DeviceSequenceBatch,
+        source: DeviceTarget,
+        cfg: &PathConfig,
+        out: &mut LogitsPathBuffers<G>,
+    ) -> Result<()> {
+        let _range = self.range("tpo::tpo_forward_from_logits");
+        self.token_logprobs(logits, vocab, batch.tokens, &cfg.tokens, &mut out.tokens)?;
+        self.sequence_group_backward(batch, source, cfg, out)
+    }
+
     /// The part of the path between the token log-probs and the logits backward: sequence sums,
     /// the group call, and the broadcast to per-token upstream gradients.
     pub(super) fn sequence_group_backward<G: DeviceFloat>(

@@ -28,6 +28,7 @@ CUresult cuMemcpyDtoHAsync_v2(void*, CUdeviceptr, size_t, void*);
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr, CUdeviceptr, size_t, void*);
 CUresult cuMemsetD8Async(CUdeviceptr, unsigned char, size_t, void*);
 CUresult cuMemGetInfo_v2(size_t*, size_t*);
+CUresult cuPointerGetAttribute(void*, int, CUdeviceptr);
 CUresult cuModuleLoadData(void**, const void*);
 CUresult cuModuleGetFunction(void**, void*, const char*);
 CUresult cuModuleUnload(void*);
@@ -139,7 +140,21 @@ static void test_device_and_memory(void* s) {
     EXPECT_RC(cuMemcpyDtoHAsync_v2(host, a, 1, s), 1);  // freed
     EXPECT_RC(cuMemFreeAsync(a, s), 1);                 // double free
     EXPECT_RC(cuMemcpyHtoDAsync_v2(12345, host, 1, s), 1);
+    // What a library borrowing memory asks: the allocation holding an address, its context.
+    CUdeviceptr start = 0;
+    size_t range = 0;
+    void* owner = nullptr;
+    EXPECT_RC(cuPointerGetAttribute(&start, 11, b + 5), 0);
+    EXPECT(start == b, "range start 0x%llx, allocation 0x%llx", (unsigned long long)start, (unsigned long long)b);
+    EXPECT_RC(cuPointerGetAttribute(&range, 12, b + 5), 0);
+    EXPECT(range == 16, "range size %zu", range);
+    EXPECT_RC(cuPointerGetAttribute(&owner, 1, b), 0);
+    EXPECT(owner != nullptr, "context of an allocation is null");
+    EXPECT_RC(cuPointerGetAttribute(&start, 11, b + 16), 1);  // one past the end
+    EXPECT_RC(cuPointerGetAttribute(&start, 11, (CUdeviceptr)(uintptr_t)host), 1);  // host memory
+    EXPECT_RC(cuPointerGetAttribute(&start, 99, b), 801);
     EXPECT_RC(cuMemFreeAsync(b, s), 0);
+    EXPECT_RC(cuPointerGetAttribute(&start, 11, b), 1);  // freed
     const char* str;
     EXPECT_RC(cuGetErrorString(1, &str), 0);
     EXPECT(strstr(str, "not inside a live allocation") || strstr(str, "not device memory"), "error string %s", str);
