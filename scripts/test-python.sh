@@ -3,7 +3,8 @@
 #
 #   bash scripts/test-python.sh
 #
-# 1. maturin (pinned) into a build venv, `maturin build --release`: the abi3 wheel, in .py/dist/.
+# 1. maturin (pinned) into a build venv, `maturin build --release`: the abi3 wheel, in .py/dist/,
+#    with its CUDA path (the crate's kernels, so nvcc: scripts/install-nvcc.sh, no GPU needed).
 # 2. torch, pytest and numpy (pinned) from PyPI into .py/torch-env, once: PyPI's Linux torch pulls
 #    the nvidia-* CUDA packages (about 5.4 GB installed, 2 to 4 min here); the venv is kept and reused
 #    while the pins are unchanged (pip keeps no cache of those downloads on this machine).
@@ -11,7 +12,10 @@
 #    is installed into it with `pip install --no-index` (so its dependency on torch is satisfied by
 #    the installed torch, nothing downloaded), and `python -c "import tpo"` must work.
 #    TPO_PY_FRESH_TORCH=1 installs torch from PyPI into the fresh venv itself instead (slower).
-# 4. pytest python/tests in the fresh venv; "no tests collected" (exit 5) is a failure.
+# 4. pytest python/tests in the fresh venv; "no tests collected" (exit 5) is a failure. Then
+#    python/tests/test_cuda_emulated.py again on the emulated CUDA device (emu/, built here if
+#    scripts/test-emulated-gpu.sh has not): the wheel's CUDA calls on device memory and streams
+#    made through the library, against the CPU path.
 # 5. The TRL recipe, python/examples/trl_tpo.py, in a venv beside the same torch with trl and
 #    transformers pinned (installed once into .py/trl-env); TPO_PY_SKIP_RECIPES=1 skips it.
 #
@@ -44,6 +48,10 @@ pinned_venv() {
     echo "$want" > "$dir/.installed"
   fi
 }
+
+if [ -z "${NVCC:-}" ] && ! command -v nvcc >/dev/null; then
+  eval "$(scripts/install-nvcc.sh)"
+fi
 
 echo "== build the wheel ($MATURIN)"
 pinned_venv "$py/build" "$MATURIN"
@@ -79,6 +87,13 @@ if [ "$rc" -eq 5 ]; then
   exit 1
 fi
 [ "$rc" -eq 0 ] || exit "$rc"
+
+echo "== the wheel's CUDA path on the emulated CUDA device (python/tests/test_cuda_emulated.py)"
+emu="$root/target/emu/default"
+bash emu/build-kernels.sh default "$emu/engine"
+bash emu/driver/build.sh "$emu/lib" "$emu/engine"
+(cd python/tests && TPO_EMU_LIB="$emu/lib" LD_LIBRARY_PATH="$emu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  "$py/fresh/bin/python" -m pytest -p no:cacheprovider -q -rs test_cuda_emulated.py)
 
 if [ "${TPO_PY_SKIP_RECIPES:-0}" != 1 ] && [ "${TPO_PY_FRESH_TORCH:-0}" != 1 ]; then
   echo "== the TRL recipe: python/examples/trl_tpo.py ($RECIPE_DEPS)"

@@ -4,12 +4,18 @@
 //! bytes (widened exactly from `f32`/`bf16`/`f16` by torch; token ids as `i64`, masks as `u8`),
 //! and get back the loss, the target, the diagnostics and the gradients as `f64` bytes. Every
 //! computation is the crate's f64 CPU reference ([`tpo::cpu`]); every library error becomes a
-//! Python `ValueError` with the library's one-line message. No `unsafe` here: the bytes are
-//! copied into aligned vectors with `bytemuck`.
+//! Python `ValueError` with the library's one-line message. No `unsafe` in this file: the bytes
+//! are copied into aligned vectors with `bytemuck`.
+//!
+//! CUDA tensors take another road (feature `cuda`, module `cuda`): the crate's kernels on the
+//! tensors' own memory and PyTorch's current stream, no copy through the host.
 //!
 //! Each function takes a `grad_scale`: the forward calls it with 1, the backward with the
 //! upstream gradient `d(objective)/d(loss)` and the target the forward returned, so the gradient
 //! is the reference's `grad_scale * w * (sum(q) p - q)` chained through the token path.
+
+#[cfg(feature = "cuda")]
+mod cuda;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -346,5 +352,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_loss, m)?)?;
     m.add_function(wrap_pyfunction!(loss_from_logits, m)?)?;
     m.add_function(wrap_pyfunction!(loss_from_hidden, m)?)?;
+    #[cfg(feature = "cuda")]
+    cuda::register(m)?;
+    m.add("HAS_CUDA", cfg!(feature = "cuda"))?;
     Ok(())
 }

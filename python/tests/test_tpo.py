@@ -417,15 +417,21 @@ def test_bad_input_raises_value_error_with_one_line_message(name, call, message)
     assert "\n" not in str(e.value), f"{name}: multi-line message {e.value!r}"
 
 
-def test_device_other_than_cpu_is_refused():
-    # No CUDA here: a stand-in whose .device is cuda:0 (all the check reads), and a meta tensor.
-    with pytest.raises(ValueError, match="CPU tensors only"):
-        tpo._check_cpu(_FakeDevice(), "logp")
+def test_devices_are_checked():
+    # No torch CUDA here: stand-ins whose .device is all the check reads, and a meta tensor.
     with pytest.raises(ValueError, match="logp is on meta"):
         tpo.group_loss(torch.empty(4, device="meta"), S, 2)
+    with pytest.raises(ValueError, match=r"scores is on cuda:1, but the call's main input is on cuda:0"):
+        tpo._check_device(_FakeDevice(1), "scores", torch.device("cuda", 0))
+    with pytest.raises(ValueError, match=r"scores is on cuda:0, but the call's main input is on cpu"):
+        tpo._check_device(_FakeDevice(0), "scores", torch.device("cpu"))
+    # Constants on the CPU are accepted beside a CUDA input (the CUDA path copies them over).
+    tpo._check_device(torch.zeros(2), "scores", torch.device("cuda", 0))
+    assert tpo._native.HAS_CUDA, "the wheel is built with its CUDA path"
 
 
 class _FakeDevice:
     """Stands in for a CUDA tensor: only .device is read by the check."""
 
-    device = torch.device("cuda", 0)
+    def __init__(self, index: int):
+        self.device = torch.device("cuda", index)

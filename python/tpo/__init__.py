@@ -18,11 +18,15 @@ Three calls, each a ``torch.library.custom_op`` with a registered autograd formu
 * :func:`loss_from_hidden` on hidden states ``[T, H]`` and the lm_head weight ``[V, H]``,
   backward into both.
 
-Every computation runs the ``tpo`` Rust crate's f64 CPU reference (``tpo::cpu``): inputs in
-float32, bfloat16, float16 or float64 are widened exactly to float64, the loss comes back in the
-input's dtype and each gradient is rounded once from float64. The crate's CUDA kernels are not
-wired to this package yet: tensors must be on the CPU. Every bad input raises ``ValueError`` with
-the library's one-line message.
+CPU tensors run the ``tpo`` Rust crate's f64 CPU reference (``tpo::cpu``): inputs in float32,
+bfloat16, float16 or float64 are widened exactly to float64, the loss comes back in the input's
+dtype and each gradient is rounded once from float64.
+
+CUDA tensors run the crate's fused CUDA kernels on the tensors' own memory, ordered on
+``torch.cuda.current_stream()`` (see ``tpo/_cuda.py`` for the dtypes: the kernels compute in
+float32 and read float32, bfloat16 or float16; ``loss_from_hidden`` takes bfloat16). The wheel
+imports without a GPU; its CUDA path needs an NVIDIA driver and loads it at the first CUDA call.
+Every bad input raises ``ValueError`` with the library's one-line message.
 """
 
 import ctypes
@@ -33,6 +37,11 @@ import torch
 from torch import Tensor
 
 from . import _native
+
+if getattr(_native, "HAS_CUDA", False):
+    from . import _cuda
+else:  # a wheel built without the `cuda` feature
+    _cuda = None
 
 __all__ = ["group_loss", "loss_from_logits", "loss_from_hidden", "global_num_groups"]
 __version__ = "0.1.0"
@@ -94,6 +103,11 @@ def _group_loss_op(
     reduction: str,
     global_num_groups: Optional[float],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if logp.is_cuda:
+        return _cuda.group_loss(
+            logp, sizes, scores, logp_old, target, eta, zero_std_threshold, anchored, kl,
+            reduction, global_num_groups,
+        )  # fmt: skip
     d = _native.group_loss(
         _bytes(logp, _F64), sizes, _opt_bytes(scores), _opt_bytes(logp_old), _opt_bytes(target),
         eta, zero_std_threshold, anchored, kl, reduction, global_num_groups, 1.0,
@@ -118,6 +132,8 @@ def _group_loss_bwd(
     reduction: str,
     global_num_groups: Optional[float],
 ) -> Tensor:
+    if logp.is_cuda:
+        return _cuda.group_loss_grad(grad, logp, target, sizes, kl, reduction, global_num_groups)
     d = _native.group_loss(
         _bytes(logp, _F64), sizes, None, None, _bytes(target, _F64),
         1.0, 1e-6, True, kl, reduction, global_num_groups, float(grad),
@@ -172,6 +188,11 @@ def _logits_op(
     reduction: str,
     global_num_groups: Optional[float],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if logits.is_cuda:
+        return _cuda.logits_forward(
+            logits, tokens, seq_offsets, mask, group_sizes, scores, logp_old, target, temperature,
+            entropy, seq_reduce, eta, zero_std_threshold, anchored, kl, reduction, global_num_groups,
+        )  # fmt: skip
     d = _native.loss_from_logits(
         _bytes(logits, _F64), logits.shape[-1], _bytes(tokens, torch.int64), seq_offsets,
         _bytes(mask, torch.uint8), group_sizes, _opt_bytes(scores), _opt_bytes(logp_old),
@@ -214,6 +235,11 @@ def _logits_bwd(
     reduction: str,
     global_num_groups: Optional[float],
 ) -> Tensor:
+    if logits.is_cuda:
+        return _cuda.logits_grad(
+            grad, logits, tokens, seq_offsets, mask, group_sizes, target, temperature, seq_reduce,
+            kl, reduction, global_num_groups,
+        )  # fmt: skip
     d = _native.loss_from_logits(
         _bytes(logits, _F64), logits.shape[-1], _bytes(tokens, torch.int64), seq_offsets,
         _bytes(mask, torch.uint8), group_sizes, None, None, _bytes(target, _F64), temperature,
@@ -266,7 +292,14 @@ def _hidden_op(
     kl: bool,
     reduction: str,
     global_num_groups: Optional[float],
+    memory_budget: Optional[int],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if hidden.is_cuda:
+        return _cuda.hidden_forward(
+            hidden, weight, tokens, seq_offsets, mask, group_sizes, scores, logp_old, target,
+            temperature, entropy, seq_reduce, eta, zero_std_threshold, anchored, kl, reduction,
+            global_num_groups, memory_budget,
+        )  # fmt: skip
     d = _native.loss_from_hidden(
         _bytes(hidden, _F64), _bytes(weight, _F64), hidden.shape[-1], _bytes(tokens, torch.int64),
         seq_offsets, _bytes(mask, torch.uint8), group_sizes, _opt_bytes(scores),
@@ -296,7 +329,13 @@ def _hidden_bwd(
     kl: bool,
     reduction: str,
     global_num_groups: Optional[float],
+    memory_budget: Optional[int],
 ) -> Tuple[Tensor, Tensor]:
+    if hidden.is_cuda:
+        return _cuda.hidden_grad(
+            grad, hidden, weight, tokens, seq_offsets, mask, group_sizes, target, temperature,
+            seq_reduce, kl, reduction, global_num_groups, memory_budget,
+        )  # fmt: skip
     d = _native.loss_from_hidden(
         _bytes(hidden, _F64), _bytes(weight, _F64), hidden.shape[-1], _bytes(tokens, torch.int64),
         seq_offsets, _bytes(mask, torch.uint8), group_sizes, None, None, _bytes(target, _F64),
@@ -316,18 +355,18 @@ def _(grad, hidden, weight, *rest):
 
 def _hidden_setup(ctx, inputs, output):
     hidden, weight, tokens, seq_offsets, mask, group_sizes = inputs[:6]
-    temperature, _entropy, seq_reduce, _eta, _z, _a, kl, reduction, gng = inputs[9:]
+    temperature, _entropy, seq_reduce, _eta, _z, _a, kl, reduction, gng, budget = inputs[9:]
     ctx.save_for_backward(hidden, weight, tokens, mask, output[1])
-    ctx.args = (seq_offsets, group_sizes, temperature, seq_reduce, kl, reduction, gng)
+    ctx.args = (seq_offsets, group_sizes, temperature, seq_reduce, kl, reduction, gng, budget)
 
 
 def _hidden_backward(ctx, grad, *_unused):
     hidden, weight, tokens, mask, target = ctx.saved_tensors
-    so, gs, temperature, seq_reduce, kl, reduction, gng = ctx.args
+    so, gs, temperature, seq_reduce, kl, reduction, gng, budget = ctx.args
     gh, gw = torch.ops.tpo.loss_from_hidden_backward(
-        grad, hidden, weight, tokens, so, mask, gs, target, temperature, seq_reduce, kl, reduction, gng
+        grad, hidden, weight, tokens, so, mask, gs, target, temperature, seq_reduce, kl, reduction, gng, budget
     )
-    return (gh, gw) + (None,) * 16
+    return (gh, gw) + (None,) * 17
 
 
 torch.library.register_autograd("tpo::loss_from_hidden", _hidden_backward, setup_context=_hidden_setup)
@@ -338,32 +377,44 @@ torch.library.register_autograd("tpo::loss_from_hidden", _hidden_backward, setup
 Groups = Union[int, Sequence[int], Tensor, None]
 
 
-def _check_float(t, name: str, ndim: int) -> Tensor:
+def _check_float(t, name: str, ndim: int, device: Optional[torch.device] = None) -> Tensor:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
         raise ValueError(f"{name} has dtype {t.dtype}: expected float32, bfloat16, float16 or float64")
-    _check_cpu(t, name)
+    _check_device(t, name, device)
+    if t.is_cuda and t.dtype == torch.float64:
+        raise ValueError(
+            f"{name} is float64 on {t.device}: the CUDA kernels read float32, bfloat16 or float16 "
+            "(convert it, or run the float64 reference on the CPU)"
+        )
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     return t
 
 
-def _check_cpu(t: Tensor, name: str) -> None:
-    if t.device.type != "cpu":
-        raise ValueError(
-            f"{name} is on {t.device}: this build of tpo runs on CPU tensors only "
-            "(the CUDA kernels are not wired to PyTorch yet); move it with .cpu()"
-        )
+def _check_device(t: Tensor, name: str, device: Optional[torch.device]) -> None:
+    """CPU and CUDA tensors are accepted. ``device`` is the call's main input's: the other inputs
+    must be on it, but for constants on the CPU, which the CUDA path copies to the device."""
+    if t.device.type == "cuda":
+        if _cuda is None:
+            raise ValueError(
+                f"{name} is on {t.device}: this tpo wheel was built without its CUDA path "
+                "(the `cuda` feature); move it with .cpu()"
+            )
+        if device is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device}, but the call's main input is on {device}")
+    elif t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}: tpo runs on CPU and CUDA tensors")
 
 
-def _check_values(t, name: str, n: Optional[int], kinds: str) -> Optional[Tensor]:
+def _check_values(t, name: str, n: Optional[int], kinds: str, device=None) -> Optional[Tensor]:
     """A 1-D constant input (scores, logp_old, target, tokens, mask) of n elements."""
     if t is None:
         return None
     if not isinstance(t, Tensor):
         t = torch.as_tensor(t)
-    _check_cpu(t, name)
+    _check_device(t, name, device)
     if t.is_complex():
         raise ValueError(f"{name} has dtype {t.dtype}: complex values are not accepted")
     if kinds == "int" and (t.is_floating_point() or t.dtype == torch.bool):
@@ -389,16 +440,18 @@ def _int_list(x, name: str) -> List[int]:
     return out
 
 
-def _layout(n: int, group_sizes: Groups, group_index) -> Tuple[List[int], Optional[Tensor]]:
+def _layout(n: int, group_sizes: Groups, group_index, device=None) -> Tuple[List[int], Optional[Tensor]]:
     """Group sizes over n members, and the permutation that makes groups contiguous (or None)."""
     if (group_sizes is None) == (group_index is None):
         raise ValueError("give exactly one of group_sizes and group_index")
     if group_index is not None:
-        idx = _check_values(group_index, "group_index", n, "int")
+        idx = _check_values(group_index, "group_index", n, "int", device)
+        if device is not None:
+            idx = idx.to(device)
         order = torch.argsort(idx, stable=True)
         _, counts = torch.unique_consecutive(idx[order], return_counts=True)
         sizes = counts.tolist()
-        contiguous = bool(torch.equal(order, torch.arange(n)))
+        contiguous = bool(torch.equal(order, torch.arange(n, device=order.device)))
         return sizes, None if contiguous else order
     if isinstance(group_sizes, int) and not isinstance(group_sizes, bool):
         if group_sizes <= 0 or n % group_sizes != 0:
@@ -495,11 +548,13 @@ def group_loss(
     order and the dict has ``group_ids``.
     """
     _check_float(logp, "logp", 1)
-    n = logp.shape[0]
-    sizes, order = _layout(n, group_sizes, group_index)
-    scores = _check_values(scores, "scores", n, "real")
-    logp_old = _check_values(logp_old, "logp_old", n, "real")
-    target = _check_values(target, "target", n, "real")
+    n, dev = logp.shape[0], logp.device
+    sizes, order = _layout(n, group_sizes, group_index, dev)
+    scores = _check_values(scores, "scores", n, "real", dev)
+    logp_old = _check_values(logp_old, "logp_old", n, "real", dev)
+    target = _check_values(target, "target", n, "real", dev)
+    if order is not None:
+        scores, logp_old, target = (None if t is None else t.to(dev) for t in (scores, logp_old, target))
     cfg = _config(eta, zero_std_threshold, reduction, global_num_groups, loss_form, anchor)
     x = logp
     if order is not None:
@@ -515,8 +570,8 @@ def group_loss(
     return _result(out[0], q, diag, return_target, diagnostics)
 
 
-def _token_args(tokens, seq_offsets, completion_mask, t: int):
-    tokens = _check_values(tokens, "tokens", t, "int")
+def _token_args(tokens, seq_offsets, completion_mask, t: int, device=None):
+    tokens = _check_values(tokens, "tokens", t, "int", device)
     offsets = _int_list(seq_offsets, "seq_offsets")
     if len(offsets) < 2:
         raise ValueError("seq_offsets needs S + 1 >= 2 entries (cu_seqlens: 0, end of sequence 1, ...)")
@@ -524,15 +579,15 @@ def _token_args(tokens, seq_offsets, completion_mask, t: int):
         raise ValueError(f"seq_offsets end at {offsets[-1]}, but there are {t} tokens")
     if tokens is None or completion_mask is None:
         raise ValueError("tokens and completion_mask are required (1-D, one entry per token row)")
-    mask = _check_values(completion_mask, "completion_mask", t, "real")
+    mask = _check_values(completion_mask, "completion_mask", t, "real", device)
     return tokens, offsets, mask.ne(0)
 
 
-def _seq_args(s, scores, group_sizes, group_index, logp_old, target):
+def _seq_args(s, scores, group_sizes, group_index, logp_old, target, device=None):
     if group_index is not None:
         if group_sizes is not None:
             raise ValueError("give exactly one of group_sizes and group_index")
-        idx = _check_values(group_index, "group_index", s, "int")
+        idx = _check_values(group_index, "group_index", s, "int", device)
         ids, counts = torch.unique_consecutive(idx, return_counts=True)
         if torch.unique(ids).numel() != ids.numel():
             raise ValueError(
@@ -542,16 +597,18 @@ def _seq_args(s, scores, group_sizes, group_index, logp_old, target):
         sizes = counts.tolist()
     else:
         sizes, _ = _layout(s, group_sizes, None)
-    vals = [_check_values(v, name, s, "real") for v, name in ((scores, "scores"), (logp_old, "logp_old"), (target, "target"))]
+    vals = [_check_values(v, name, s, "real", device) for v, name in ((scores, "scores"), (logp_old, "logp_old"), (target, "target"))]
     return sizes, vals
 
 
-def _check_budget(memory_budget, t: int, v: int) -> None:
+def _check_budget(memory_budget, t: int, v: int, cuda: bool) -> None:
     if memory_budget is None:
         return
     need = 2 * t * v * 8
-    if not (isinstance(memory_budget, int) and memory_budget > 0):
+    if not (isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget > 0):
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    if cuda:
+        return  # the CUDA path's logits workspace: checked by tpo._cuda.workspace_budget
     if need > memory_budget:
         raise ValueError(
             f"the CPU path materialises the logits and their gradient in float64 ({need} bytes for "
@@ -595,8 +652,9 @@ def loss_from_logits(
     """
     _check_float(logits, "logits", 2)
     t, v = logits.shape
-    tokens, offsets, mask = _token_args(tokens, seq_offsets, completion_mask, t)
-    sizes, (scores, logp_old, target) = _seq_args(len(offsets) - 1, scores, group_sizes, group_index, logp_old, target)
+    dev = logits.device
+    tokens, offsets, mask = _token_args(tokens, seq_offsets, completion_mask, t, dev)
+    sizes, (scores, logp_old, target) = _seq_args(len(offsets) - 1, scores, group_sizes, group_index, logp_old, target, dev)
     cfg = _config(eta, zero_std_threshold, reduction, global_num_groups, loss_form, anchor)
     eta, zst, anc, kl, red, gng = cfg
     out = torch.ops.tpo.loss_from_logits(
@@ -645,10 +703,23 @@ def loss_from_hidden(
 
     This build runs the crate's CPU reference, which materialises the logits and their gradient
     in float64 (``2 T V 8`` bytes); ``memory_budget`` (bytes) refuses a batch that needs more.
-    (The crate's fused CUDA path, which never materialises the logits, is not wired here yet.)
+
+    CUDA tensors run the crate's fused path, which never materialises the logits: the logits are
+    computed ``GEMM_TILE = 128`` tokens at a time into a bfloat16 workspace of at most
+    ``memory_budget`` bytes (default: whole tiles up to 1 GiB; below one tile, ``128 V 2`` bytes,
+    is refused), reduced to log-probs, and recomputed block by block for the backward, whose
+    GEMMs accumulate ``dL/dh`` and ``dL/dW`` in float32. It takes bfloat16 ``hidden`` and
+    ``lm_head_weight``; the gradients come back in bfloat16. The backward recomputes the path
+    (one more forward's work) rather than keeping float32 gradients from the forward.
     """
     _check_float(hidden, "hidden", 2)
-    _check_float(lm_head_weight, "lm_head_weight", 2)
+    _check_float(lm_head_weight, "lm_head_weight", 2, hidden.device)
+    dev = hidden.device
+    if hidden.is_cuda and hidden.dtype != torch.bfloat16:
+        raise ValueError(
+            f"hidden is {hidden.dtype} on {hidden.device}: the CUDA path of loss_from_hidden is the "
+            "fused bfloat16 one; pass bfloat16 hidden and lm_head_weight (or use loss_from_logits)"
+        )
     if hidden.dtype != lm_head_weight.dtype:
         raise ValueError(f"hidden is {hidden.dtype} but lm_head_weight is {lm_head_weight.dtype}: give one dtype")
     if hidden.shape[1] != lm_head_weight.shape[1]:
@@ -656,13 +727,14 @@ def loss_from_hidden(
             f"hidden has {hidden.shape[1]} features per token but lm_head_weight rows have {lm_head_weight.shape[1]}"
         )
     t = hidden.shape[0]
-    _check_budget(memory_budget, t, lm_head_weight.shape[0])
-    tokens, offsets, mask = _token_args(tokens, seq_offsets, completion_mask, t)
-    sizes, (scores, logp_old, target) = _seq_args(len(offsets) - 1, scores, group_sizes, group_index, logp_old, target)
+    _check_budget(memory_budget, t, lm_head_weight.shape[0], hidden.is_cuda)
+    tokens, offsets, mask = _token_args(tokens, seq_offsets, completion_mask, t, dev)
+    sizes, (scores, logp_old, target) = _seq_args(len(offsets) - 1, scores, group_sizes, group_index, logp_old, target, dev)
     eta, zst, anc, kl, red, gng = _config(eta, zero_std_threshold, reduction, global_num_groups, loss_form, anchor)
     out = torch.ops.tpo.loss_from_hidden(
         hidden, lm_head_weight, tokens, offsets, mask, sizes, scores, logp_old, target,
         _number(temperature, "temperature"), diagnostics, seq_reduce, eta, zst, anc, kl, red, gng,
+        memory_budget,
     )  # fmt: skip
     return _token_result(out, logp_old is not None, target is not None, return_target, diagnostics)
 

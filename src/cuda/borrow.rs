@@ -16,7 +16,7 @@ use super::tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers};
 use super::{cuda_err, CudaTpo, DeviceFloat};
 use crate::cpu::tokens::PathConfig;
 use crate::error::{Result, TpoError};
-use cudarc::driver::{sys, CudaSlice, DeviceRepr};
+use cudarc::driver::{sys, CudaSlice, DevicePtr, DeviceRepr};
 use std::mem::ManuallyDrop;
 
 /// `len` elements of `T` at a device address the caller owns, seen as a [`CudaSlice`] (through
@@ -65,7 +65,8 @@ impl<T: DeviceRepr> Borrowed<T> {
     }
 
     /// Copies `src` into elements `at..at + src.len()` of the borrowed memory, on `tpo`'s stream.
-    pub fn copy_from_at(&mut self, tpo: &CudaTpo, at: usize, src: &CudaSlice<T>) -> Result<()> {
+    /// `src` may be a [`CudaSlice`] or a view of one (`slice.slice(a..b)`).
+    pub fn copy_from_at<S: DevicePtr<T>>(&mut self, tpo: &CudaTpo, at: usize, src: &S) -> Result<()> {
         let end = at.checked_add(src.len()).filter(|&e| e <= self.slice.len()).ok_or_else(|| {
             TpoError::LengthMismatch {
                 name: "copy into a borrowed buffer (offset + length)",
