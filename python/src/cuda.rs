@@ -292,13 +292,76 @@ fn put_path<G: DeviceFloat>(
     put_stats(tpo, outs, &p.group.fit)
 }
 
+/// The sequence batch of a path call, a dict from `tpo/_cuda.py`: token ids (int32), the
+/// sequences' offsets, the completion mask (uint8), the group sizes over the sequences, and the
+/// target's source (`scores` with optional `logp_old`, or a stored `target`; float32).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+pub struct PathBatch {
+    tokens: Desc,
+    seq_offsets: Vec<usize>,
+    mask: Desc,
+    group_sizes: Vec<usize>,
+    scores: Option<Desc>,
+    logp_old: Option<Desc>,
+    target: Option<Desc>,
+}
+
+/// The options of a path call, a dict from `tpo/_cuda.py` (as the CPU functions take them).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+pub struct PathOpts {
+    temperature: f64,
+    entropy: bool,
+    seq_reduce: String,
+    eta: f64,
+    zero_std_threshold: f64,
+    anchored: bool,
+    kl: bool,
+    reduction: String,
+    global_num_groups: Option<f64>,
+    grad_scale: f64,
+}
+
+/// A path call's arguments, read once.
+struct PathArgs {
+    device: usize,
+    stream: u64,
+    batch: PathBatch,
+    cfg: PathConfig,
+    outs: HashMap<String, Desc>,
+}
+
+impl PathArgs {
+    fn read(
+        device: usize,
+        stream: u64,
+        batch: PathBatch,
+        o: PathOpts,
+        outs: &Bound<'_, PyDict>,
+    ) -> PyResult<Self> {
+        let cfg = path_config(
+            o.temperature,
+            o.entropy,
+            &o.seq_reduce,
+            o.eta,
+            o.zero_std_threshold,
+            o.anchored,
+            o.kl,
+            &o.reduction,
+            o.global_num_groups,
+            o.grad_scale,
+        )?;
+        Ok(PathArgs { device, stream, batch, cfg, outs: outputs(outs)? })
+    }
+}
+
 /// TPO from logits on CUDA. Without `grad_in_place`, the forward
 /// ([`CudaTpo::tpo_forward_from_logits`]: the logits are only read) writes `outs` (`loss`,
 /// `target`, `seq_logp`, `stats`, `token_logp`, `token_entropy`); with it (a descriptor of a
 /// copy of the logits that the caller gave up), the backward writes `dL/dlogits` over that copy
 /// ([`CudaTpo::tpo_from_logits_borrowed`]).
 #[pyfunction]
-#[pyo3(signature = (device, stream, logits, vocab, tokens, seq_offsets, mask, group_sizes, scores, logp_old, target, temperature, entropy, seq_reduce, eta, zero_std_threshold, anchored, kl, reduction, global_num_groups, grad_scale, grad_in_place, outs))]
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_loss_from_logits(
     py: Python<'_>,
@@ -306,71 +369,17 @@ pub fn cuda_loss_from_logits(
     stream: u64,
     logits: Desc,
     vocab: usize,
-    tokens: Desc,
-    seq_offsets: Vec<usize>,
-    mask: Desc,
-    group_sizes: Vec<usize>,
-    scores: Option<Desc>,
-    logp_old: Option<Desc>,
-    target: Option<Desc>,
-    temperature: f64,
-    entropy: bool,
-    seq_reduce: &str,
-    eta: f64,
-    zero_std_threshold: f64,
-    anchored: bool,
-    kl: bool,
-    reduction: &str,
-    global_num_groups: Option<f64>,
-    grad_scale: f64,
+    batch: PathBatch,
+    opts: PathOpts,
     grad_in_place: Option<Desc>,
     outs: &Bound<'_, PyDict>,
 ) -> PyResult<()> {
-    let outs = outputs(outs)?;
-    let cfg = path_config(
-        temperature,
-        entropy,
-        seq_reduce,
-        eta,
-        zero_std_threshold,
-        anchored,
-        kl,
-        reduction,
-        global_num_groups,
-        grad_scale,
-    )?;
-    let a = PathArgs {
-        device,
-        stream,
-        tokens,
-        seq_offsets,
-        mask,
-        group_sizes,
-        scores,
-        logp_old,
-        target,
-        cfg,
-        outs,
-    };
+    let a = PathArgs::read(device, stream, batch, opts, outs)?;
     py.detach(|| match float_kind("logits", &logits)? {
         "f32" => logits_call::<f32>(&a, &logits, vocab, grad_in_place.as_ref()),
         "bf16" => logits_call::<bf16>(&a, &logits, vocab, grad_in_place.as_ref()),
         _ => logits_call::<f16>(&a, &logits, vocab, grad_in_place.as_ref()),
     })
-}
-
-struct PathArgs {
-    device: usize,
-    stream: u64,
-    tokens: Desc,
-    seq_offsets: Vec<usize>,
-    mask: Desc,
-    group_sizes: Vec<usize>,
-    scores: Option<Desc>,
-    logp_old: Option<Desc>,
-    target: Option<Desc>,
-    cfg: PathConfig,
-    outs: HashMap<String, Desc>,
 }
 
 fn logits_call<T: DeviceFloat>(
@@ -380,12 +389,12 @@ fn logits_call<T: DeviceFloat>(
     grad: Option<&Desc>,
 ) -> PyResult<()> {
     let tpo = backend(a.device, a.stream)?;
-    let t = layouts(&tpo, a.seq_offsets.clone(), &a.group_sizes)?;
+    let t = layouts(&tpo, a.batch.seq_offsets.clone(), &a.batch.group_sizes)?;
     // Token ids cross as int32, read as u32: a negative id becomes >= 2^31 and is refused by the
     // kernel as out of the vocabulary.
-    let y = borrow::<u32>(&tpo, "tokens", &a.tokens, "i32")?;
-    let m = borrow::<u8>(&tpo, "completion_mask", &a.mask, "u8")?;
-    let inputs = SeqInputs::read(&tpo, &a.scores, &a.logp_old, &a.target)?;
+    let y = borrow::<u32>(&tpo, "tokens", &a.batch.tokens, "i32")?;
+    let m = borrow::<u8>(&tpo, "completion_mask", &a.batch.mask, "u8")?;
+    let inputs = SeqInputs::read(&tpo, &a.batch.scores, &a.batch.logp_old, &a.batch.target)?;
     let source = inputs.source()?;
     let batch = DeviceSequenceBatch { tokens: &y, seqs: &t.seqs, mask: &m, groups: &t.groups };
     let alloc = PathAlloc {
@@ -421,7 +430,6 @@ fn logits_call<T: DeviceFloat>(
 /// `outs` as for [`cuda_loss_from_logits`], plus `grad_hidden` (f32, T dim) and `grad_weight`
 /// (f32, V dim).
 #[pyfunction]
-#[pyo3(signature = (device, stream, hidden, weight, dim, tokens, seq_offsets, mask, group_sizes, scores, logp_old, target, temperature, entropy, seq_reduce, eta, zero_std_threshold, anchored, kl, reduction, global_num_groups, grad_scale, memory_budget, outs))]
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_loss_from_hidden(
     py: Python<'_>,
@@ -430,52 +438,12 @@ pub fn cuda_loss_from_hidden(
     hidden: Desc,
     weight: Desc,
     dim: usize,
-    tokens: Desc,
-    seq_offsets: Vec<usize>,
-    mask: Desc,
-    group_sizes: Vec<usize>,
-    scores: Option<Desc>,
-    logp_old: Option<Desc>,
-    target: Option<Desc>,
-    temperature: f64,
-    entropy: bool,
-    seq_reduce: &str,
-    eta: f64,
-    zero_std_threshold: f64,
-    anchored: bool,
-    kl: bool,
-    reduction: &str,
-    global_num_groups: Option<f64>,
-    grad_scale: f64,
+    batch: PathBatch,
+    opts: PathOpts,
     memory_budget: usize,
     outs: &Bound<'_, PyDict>,
 ) -> PyResult<()> {
-    let outs = outputs(outs)?;
-    let cfg = path_config(
-        temperature,
-        entropy,
-        seq_reduce,
-        eta,
-        zero_std_threshold,
-        anchored,
-        kl,
-        reduction,
-        global_num_groups,
-        grad_scale,
-    )?;
-    let a = PathArgs {
-        device,
-        stream,
-        tokens,
-        seq_offsets,
-        mask,
-        group_sizes,
-        scores,
-        logp_old,
-        target,
-        cfg,
-        outs,
-    };
+    let a = PathArgs::read(device, stream, batch, opts, outs)?;
     py.detach(|| hidden_call(&a, &hidden, &weight, dim, memory_budget))
 }
 
@@ -485,12 +453,12 @@ fn hidden_call(a: &PathArgs, hidden: &Desc, weight: &Desc, dim: usize, budget: u
         return fail(format!("lm_head_weight: {} elements is not a whole number of rows of {dim}", weight.1));
     }
     let vocab = weight.1 / dim;
-    let t = layouts(&tpo, a.seq_offsets.clone(), &a.group_sizes)?;
+    let t = layouts(&tpo, a.batch.seq_offsets.clone(), &a.batch.group_sizes)?;
     let h = borrow::<bf16>(&tpo, "hidden", hidden, "bf16")?;
     let w = borrow::<bf16>(&tpo, "lm_head_weight", weight, "bf16")?;
-    let y = borrow::<u32>(&tpo, "tokens", &a.tokens, "i32")?;
-    let m = borrow::<u8>(&tpo, "completion_mask", &a.mask, "u8")?;
-    let inputs = SeqInputs::read(&tpo, &a.scores, &a.logp_old, &a.target)?;
+    let y = borrow::<u32>(&tpo, "tokens", &a.batch.tokens, "i32")?;
+    let m = borrow::<u8>(&tpo, "completion_mask", &a.batch.mask, "u8")?;
+    let inputs = SeqInputs::read(&tpo, &a.batch.scores, &a.batch.logp_old, &a.batch.target)?;
     let source = inputs.source()?;
     let batch = DeviceSequenceBatch { tokens: &y, seqs: &t.seqs, mask: &m, groups: &t.groups };
     let alloc = PathAlloc {

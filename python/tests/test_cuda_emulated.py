@@ -166,6 +166,21 @@ def path_inputs(rng, lens, vocab):
     return offsets, tokens, mask, scores
 
 
+def batch(tokens, offsets, mask, groups, scores=None, logp_old=None, target=None):
+    """The native PathBatch from Devs."""
+    d = lambda x: None if x is None else x.desc()  # noqa: E731
+    return {"tokens": tokens.desc(), "seq_offsets": offsets, "mask": mask.desc(), "group_sizes": groups,
+            "scores": d(scores), "logp_old": d(logp_old), "target": d(target)}  # fmt: skip
+
+
+def opts(temperature=1.0, entropy=False, grad_scale=1.0, **kw):
+    """The native PathOpts."""
+    o = {"temperature": temperature, "entropy": entropy, "seq_reduce": "sum", "eta": 1.0, "zero_std_threshold": 1e-6,
+         "anchored": True, "kl": False, "reduction": "mean", "global_num_groups": None, "grad_scale": grad_scale}  # fmt: skip
+    o.update(kw)
+    return o
+
+
 def path_outs(t, s, b):
     f = lambda n: Dev.poisoned((n,), torch.float32)  # noqa: E731
     return {"loss": f(1), "target": f(s), "seq_logp": f(s), "stats": Dev.poisoned((5, b), torch.float32), "token_logp": f(t), "token_entropy": f(t)}
@@ -182,10 +197,9 @@ def test_loss_from_logits_forward_and_backward(stream, dtype):
     z = torch.tensor(rng.normal(0, 1, (t, vocab))).to(dtype)
     zd, yd, md, sd = Dev(z), Dev(tokens), Dev(mask), Dev(scores)
     outs = path_outs(t, len(lens), len(groups))
-    cfg = (0.9, True, "sum", 1.0, 1e-6, True, False, "mean", None)
     _native.cuda_loss_from_logits(
-        0, stream.handle, zd.desc(), vocab, yd.desc(), offsets, md.desc(), groups, sd.desc(), None,
-        None, *cfg, 1.0, None, {k: v.desc() for k, v in outs.items()},
+        0, stream.handle, zd.desc(), vocab, batch(yd, offsets, md, groups, scores=sd),
+        opts(temperature=0.9, entropy=True), None, {k: v.desc() for k, v in outs.items()},
     )  # fmt: skip
     got = {k: v.get() for k, v in outs.items()}
     assert torch.equal(zd.get().view(torch.uint8), z.view(torch.uint8)), "the forward wrote the logits"
@@ -206,8 +220,8 @@ def test_loss_from_logits_forward_and_backward(stream, dtype):
     g = Dev(z)
     qd = Dev(got["target"])
     _native.cuda_loss_from_logits(
-        0, stream.handle, zd.desc(), vocab, yd.desc(), offsets, md.desc(), groups, None, None,
-        qd.desc(), 0.9, False, "sum", 1.0, 1e-6, True, False, "mean", None, 2.0, g.desc(), {},
+        0, stream.handle, zd.desc(), vocab, batch(yd, offsets, md, groups, target=qd),
+        opts(temperature=0.9, grad_scale=2.0), g.desc(), {},
     )  # fmt: skip
     close("dlogits", g.get(), z64.grad, 2.0 / 0.9 / len(groups), 1e-4 + STORAGE[dtype])
 
@@ -226,9 +240,8 @@ def test_loss_from_hidden_matches_the_reference_on_the_same_bf16_values(stream):
     outs["grad_weight"] = Dev.poisoned((vocab, dim), torch.float32)
     ins = [Dev(x) for x in (h, w, tokens, mask, scores)]
     _native.cuda_loss_from_hidden(
-        0, stream.handle, ins[0].desc(), ins[1].desc(), dim, ins[2].desc(), offsets, ins[3].desc(),
-        groups, ins[4].desc(), None, None, 1.0, False, "sum", 1.0, 1e-6, True, False, "mean", None,
-        1.0, 128 * vocab * 2, {k: v.desc() for k, v in outs.items()},
+        0, stream.handle, ins[0].desc(), ins[1].desc(), dim, batch(ins[2], offsets, ins[3], groups, scores=ins[4]),
+        opts(), 128 * vocab * 2, {k: v.desc() for k, v in outs.items()},
     )  # fmt: skip
     got = {k: v.get() for k, v in outs.items()}
     # The reference on the bf16 logits the device computes (its workspace dtype).
@@ -277,11 +290,9 @@ def test_bad_input_raises_one_line_value_errors(stream):
         y = Dev(torch.tensor([0, 1, bad, 2], dtype=torch.int32))
         m = Dev(torch.ones(4, dtype=torch.uint8))
         with pytest.raises(ValueError, match="token") as e:
-            _native.cuda_loss_from_logits(
-                0, stream.handle, z.desc(), 5, y.desc(), [0, 2, 4], m.desc(), [2],
-                (scores.buf.ptr, 2, "f32"), None, None, 1.0, False, "sum", 1.0, 1e-6, True, False,
-                "mean", None, 1.0, None, {},
-            )  # fmt: skip
+            b = batch(y, [0, 2, 4], m, [2])
+            b["scores"] = (scores.buf.ptr, 2, "f32")
+            _native.cuda_loss_from_logits(0, stream.handle, z.desc(), 5, b, opts(), None, {})
         assert "\n" not in str(e.value)
     # After all of that the device still works.
     good = group_call(stream, torch.full((4,), -1.0), [2, 2], scores=torch.arange(4, dtype=torch.float32))

@@ -116,6 +116,35 @@ def _path_inputs(dev, tokens, mask, scores, logp_old, target):
     )
 
 
+def _batch(y, seq_offsets, m, group_sizes, s, o, q) -> dict:
+    """The native ``PathBatch`` (the tensors must stay alive across the call)."""
+    return {
+        "tokens": _desc(y),
+        "seq_offsets": list(seq_offsets),
+        "mask": _desc(m),
+        "group_sizes": list(group_sizes),
+        "scores": _opt(s),
+        "logp_old": _opt(o),
+        "target": _opt(q),
+    }
+
+
+def _opts(temperature, entropy, seq_reduce, eta, zst, anchored, kl, reduction, gng, grad_scale) -> dict:
+    """The native ``PathOpts``."""
+    return {
+        "temperature": temperature,
+        "entropy": entropy,
+        "seq_reduce": seq_reduce,
+        "eta": eta,
+        "zero_std_threshold": zst,
+        "anchored": anchored,
+        "kl": kl,
+        "reduction": reduction,
+        "global_num_groups": gng,
+        "grad_scale": grad_scale,
+    }
+
+
 def _path_outs(dev, t: int, s: int, b: int, entropy: bool) -> dict:
     f = lambda n: torch.full((n,), math.nan, device=dev, dtype=torch.float32)  # noqa: E731
     outs = {
@@ -155,9 +184,9 @@ def logits_forward(logits, tokens, seq_offsets, mask, group_sizes, scores, logp_
     outs = _path_outs(dev, t, len(seq_offsets) - 1, len(group_sizes), entropy)
     ordinal, stream = _stream(dev)
     _native.cuda_loss_from_logits(
-        ordinal, stream, _desc(z), v, _desc(y), list(seq_offsets), _desc(m), list(group_sizes),
-        _opt(s), _opt(o), _opt(q), temperature, entropy, seq_reduce, eta, zst, anchored, kl,
-        reduction, gng, 1.0, None, _descs(outs),
+        ordinal, stream, _desc(z), v, _batch(y, seq_offsets, m, group_sizes, s, o, q),
+        _opts(temperature, entropy, seq_reduce, eta, zst, anchored, kl, reduction, gng, 1.0),
+        None, _descs(outs),
     )  # fmt: skip
     return _path_result(outs, logits, t)
 
@@ -171,9 +200,9 @@ def logits_grad(grad, logits, tokens, seq_offsets, mask, group_sizes, target, te
     y, m, _s, _o, q = _path_inputs(dev, tokens, mask, None, None, target)
     ordinal, stream = _stream(dev)
     _native.cuda_loss_from_logits(
-        ordinal, stream, _desc(g), g.shape[1], _desc(y), list(seq_offsets), _desc(m),
-        list(group_sizes), None, None, _desc(q), temperature, False, seq_reduce, 1.0, 1e-6, True,
-        kl, reduction, gng, float(grad), _desc(g), {},
+        ordinal, stream, _desc(g), g.shape[1], _batch(y, seq_offsets, m, group_sizes, None, None, q),
+        _opts(temperature, False, seq_reduce, 1.0, 1e-6, True, kl, reduction, gng, float(grad)),
+        _desc(g), {},
     )  # fmt: skip
     return g.reshape(logits.shape)
 
@@ -208,10 +237,9 @@ def _hidden_call(hidden, weight, tokens, seq_offsets, mask, group_sizes, scores,
         }
     ordinal, stream = _stream(dev)
     _native.cuda_loss_from_hidden(
-        ordinal, stream, _desc(h), _desc(w), d, _desc(y), list(seq_offsets), _desc(m),
-        list(group_sizes), _opt(s), _opt(o), _opt(q), temperature, entropy, seq_reduce, eta, zst,
-        anchored, kl, reduction, gng, grad_scale, workspace_budget(budget, t, w.shape[0]),
-        _descs(outs),
+        ordinal, stream, _desc(h), _desc(w), d, _batch(y, seq_offsets, m, group_sizes, s, o, q),
+        _opts(temperature, entropy, seq_reduce, eta, zst, anchored, kl, reduction, gng, grad_scale),
+        workspace_budget(budget, t, w.shape[0]), _descs(outs),
     )  # fmt: skip
     return outs
 
