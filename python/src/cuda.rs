@@ -29,7 +29,7 @@ use tpo::cuda::{
 };
 use tpo::{bf16, f16, GroupLayout};
 
-use crate::{fail, fit_config, path_config, target_config, value_error};
+use crate::{fail, fit_config, target_config, value_error, PathOpts};
 
 /// A raw tensor as Python describes it: `(device address, number of elements, dtype name)`.
 pub type Desc = (u64, usize, String);
@@ -307,22 +307,6 @@ pub struct PathBatch {
     target: Option<Desc>,
 }
 
-/// The options of a path call, a dict from `tpo/_cuda.py` (as the CPU functions take them).
-#[derive(FromPyObject)]
-#[pyo3(from_item_all)]
-pub struct PathOpts {
-    temperature: f64,
-    entropy: bool,
-    seq_reduce: String,
-    eta: f64,
-    zero_std_threshold: f64,
-    anchored: bool,
-    kl: bool,
-    reduction: String,
-    global_num_groups: Option<f64>,
-    grad_scale: f64,
-}
-
 /// A path call's arguments, read once.
 struct PathArgs {
     device: usize,
@@ -340,18 +324,7 @@ impl PathArgs {
         o: PathOpts,
         outs: &Bound<'_, PyDict>,
     ) -> PyResult<Self> {
-        let cfg = path_config(
-            o.temperature,
-            o.entropy,
-            &o.seq_reduce,
-            o.eta,
-            o.zero_std_threshold,
-            o.anchored,
-            o.kl,
-            &o.reduction,
-            o.global_num_groups,
-            o.grad_scale,
-        )?;
+        let cfg = o.config()?;
         Ok(PathArgs { device, stream, batch, cfg, outs: outputs(outs)? })
     }
 }

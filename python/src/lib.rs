@@ -202,29 +202,38 @@ impl Batch {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn path_config(
+/// The options of a path call, a dict from Python (`tpo/_common.py`'s `path_opts`): the token
+/// side (`temperature`, `entropy`, `seq_reduce`), the target (`eta`, `zero_std_threshold`,
+/// `anchored`) and the fit (`kl`, `reduction`, `global_num_groups`, `grad_scale`).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+pub(crate) struct PathOpts {
     temperature: f64,
     entropy: bool,
-    seq_reduce: &str,
+    seq_reduce: String,
     eta: f64,
     zero_std_threshold: f64,
     anchored: bool,
     kl: bool,
-    reduction: &str,
+    reduction: String,
     global_num_groups: Option<f64>,
     grad_scale: f64,
-) -> PyResult<PathConfig> {
-    let reduce = match seq_reduce {
-        "sum" => SeqReduce::Sum,
-        "mean" => SeqReduce::Mean,
-        r => return fail(format!("seq_reduce must be \"sum\" or \"mean\", got {r:?}")),
-    };
-    Ok(PathConfig {
-        tokens: TokenConfig { temperature, entropy, reduce },
-        target: target_config(eta, zero_std_threshold, anchored),
-        fit: fit_config(kl, reduction, global_num_groups, grad_scale)?,
-    })
+}
+
+impl PathOpts {
+    /// The library's configuration (its checks give the errors).
+    pub(crate) fn config(&self) -> PyResult<PathConfig> {
+        let reduce = match self.seq_reduce.as_str() {
+            "sum" => SeqReduce::Sum,
+            "mean" => SeqReduce::Mean,
+            r => return fail(format!("seq_reduce must be \"sum\" or \"mean\", got {r:?}")),
+        };
+        Ok(PathConfig {
+            tokens: TokenConfig { temperature: self.temperature, entropy: self.entropy, reduce },
+            target: target_config(self.eta, self.zero_std_threshold, self.anchored),
+            fit: fit_config(self.kl, &self.reduction, self.global_num_groups, self.grad_scale)?,
+        })
+    }
 }
 
 fn put_logits_path(d: &Bound<'_, PyDict>, p: &tokens::LogitsPath) -> PyResult<()> {
@@ -244,7 +253,7 @@ fn put_logits_path(d: &Bound<'_, PyDict>, p: &tokens::LogitsPath) -> PyResult<()
 /// TPO from logits `[T, vocab]`: [`tokens::tpo_from_logits`]. Returns what [`group_loss`] does
 /// (but `grad`) plus `seq_logp`, `token_logp`, `token_entropy` and `grad_logits`.
 #[pyfunction]
-#[pyo3(signature = (logits, vocab, tokens, seq_offsets, mask, group_sizes, scores, logp_old, target, temperature, entropy, seq_reduce, eta, zero_std_threshold, anchored, kl, reduction, global_num_groups, grad_scale))]
+#[pyo3(signature = (logits, vocab, tokens, seq_offsets, mask, group_sizes, scores, logp_old, target, opts))]
 #[allow(clippy::too_many_arguments)]
 fn loss_from_logits<'py>(
     py: Python<'py>,
@@ -257,32 +266,12 @@ fn loss_from_logits<'py>(
     scores: Option<&[u8]>,
     logp_old: Option<&[u8]>,
     target: Option<&[u8]>,
-    temperature: f64,
-    entropy: bool,
-    seq_reduce: &str,
-    eta: f64,
-    zero_std_threshold: f64,
-    anchored: bool,
-    kl: bool,
-    reduction: &str,
-    global_num_groups: Option<f64>,
-    grad_scale: f64,
+    opts: PathOpts,
 ) -> PyResult<Bound<'py, PyDict>> {
     let z = f64s("logits", logits)?;
     let batch = Batch::read(tokens, seq_offsets, mask, group_sizes)?;
     let source = Source::read(scores, logp_old, target)?;
-    let cfg = path_config(
-        temperature,
-        entropy,
-        seq_reduce,
-        eta,
-        zero_std_threshold,
-        anchored,
-        kl,
-        reduction,
-        global_num_groups,
-        grad_scale,
-    )?;
+    let cfg = opts.config()?;
     let p = py
         .detach(|| tokens::tpo_from_logits(&z, vocab, &batch.view(), source.as_tokens(), &cfg))
         .map_err(value_error)?;
@@ -295,7 +284,7 @@ fn loss_from_logits<'py>(
 /// TPO from hidden states `[T, dim]` and the lm_head `[V, dim]`: [`tokens::tpo_from_hidden`].
 /// Returns what [`loss_from_logits`] does plus `grad_hidden` and `grad_weight` (no `grad_logits`).
 #[pyfunction]
-#[pyo3(signature = (hidden, weight, dim, tokens, seq_offsets, mask, group_sizes, scores, logp_old, target, temperature, entropy, seq_reduce, eta, zero_std_threshold, anchored, kl, reduction, global_num_groups, grad_scale))]
+#[pyo3(signature = (hidden, weight, dim, tokens, seq_offsets, mask, group_sizes, scores, logp_old, target, opts))]
 #[allow(clippy::too_many_arguments)]
 fn loss_from_hidden<'py>(
     py: Python<'py>,
@@ -309,33 +298,13 @@ fn loss_from_hidden<'py>(
     scores: Option<&[u8]>,
     logp_old: Option<&[u8]>,
     target: Option<&[u8]>,
-    temperature: f64,
-    entropy: bool,
-    seq_reduce: &str,
-    eta: f64,
-    zero_std_threshold: f64,
-    anchored: bool,
-    kl: bool,
-    reduction: &str,
-    global_num_groups: Option<f64>,
-    grad_scale: f64,
+    opts: PathOpts,
 ) -> PyResult<Bound<'py, PyDict>> {
     let h = f64s("hidden", hidden)?;
     let w = f64s("lm_head_weight", weight)?;
     let batch = Batch::read(tokens, seq_offsets, mask, group_sizes)?;
     let source = Source::read(scores, logp_old, target)?;
-    let cfg = path_config(
-        temperature,
-        entropy,
-        seq_reduce,
-        eta,
-        zero_std_threshold,
-        anchored,
-        kl,
-        reduction,
-        global_num_groups,
-        grad_scale,
-    )?;
+    let cfg = opts.config()?;
     let p = py
         .detach(|| tokens::tpo_from_hidden(&h, &w, dim, &batch.view(), source.as_tokens(), &cfg))
         .map_err(value_error)?;

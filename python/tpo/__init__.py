@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import _native
+from ._common import path_opts as _opts
 
 if getattr(_native, "HAS_CUDA", False):
     from . import _cuda
@@ -196,8 +197,8 @@ def _logits_op(
     d = _native.loss_from_logits(
         _bytes(logits, _F64), logits.shape[-1], _bytes(tokens, torch.int64), seq_offsets,
         _bytes(mask, torch.uint8), group_sizes, _opt_bytes(scores), _opt_bytes(logp_old),
-        _opt_bytes(target), temperature, entropy, seq_reduce, eta, zero_std_threshold, anchored,
-        kl, reduction, global_num_groups, 1.0,
+        _opt_bytes(target), _opts(temperature, entropy, seq_reduce, eta, zero_std_threshold, anchored,
+        kl, reduction, global_num_groups, 1.0),
     )  # fmt: skip
     return _path_outputs(d, logits, len(group_sizes))
 
@@ -242,8 +243,8 @@ def _logits_bwd(
         )  # fmt: skip
     d = _native.loss_from_logits(
         _bytes(logits, _F64), logits.shape[-1], _bytes(tokens, torch.int64), seq_offsets,
-        _bytes(mask, torch.uint8), group_sizes, None, None, _bytes(target, _F64), temperature,
-        False, seq_reduce, 1.0, 1e-6, True, kl, reduction, global_num_groups, float(grad),
+        _bytes(mask, torch.uint8), group_sizes, None, None, _bytes(target, _F64),
+        _opts(temperature, False, seq_reduce, 1.0, 1e-6, True, kl, reduction, global_num_groups, float(grad)),
     )  # fmt: skip
     return _tensor(d["grad_logits"], logits.shape, logits.dtype)
 
@@ -303,8 +304,8 @@ def _hidden_op(
     d = _native.loss_from_hidden(
         _bytes(hidden, _F64), _bytes(weight, _F64), hidden.shape[-1], _bytes(tokens, torch.int64),
         seq_offsets, _bytes(mask, torch.uint8), group_sizes, _opt_bytes(scores),
-        _opt_bytes(logp_old), _opt_bytes(target), temperature, entropy, seq_reduce, eta,
-        zero_std_threshold, anchored, kl, reduction, global_num_groups, 1.0,
+        _opt_bytes(logp_old), _opt_bytes(target), _opts(temperature, entropy, seq_reduce, eta,
+        zero_std_threshold, anchored, kl, reduction, global_num_groups, 1.0),
     )  # fmt: skip
     return _path_outputs(d, hidden, len(group_sizes))
 
@@ -339,8 +340,8 @@ def _hidden_bwd(
     d = _native.loss_from_hidden(
         _bytes(hidden, _F64), _bytes(weight, _F64), hidden.shape[-1], _bytes(tokens, torch.int64),
         seq_offsets, _bytes(mask, torch.uint8), group_sizes, None, None, _bytes(target, _F64),
-        temperature, False, seq_reduce, 1.0, 1e-6, True, kl, reduction, global_num_groups,
-        float(grad),
+        _opts(temperature, False, seq_reduce, 1.0, 1e-6, True, kl, reduction, global_num_groups,
+        float(grad)),
     )  # fmt: skip
     return (
         _tensor(d["grad_hidden"], hidden.shape, hidden.dtype),

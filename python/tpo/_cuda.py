@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _native
+from ._common import path_opts as _opts
 
 _F64 = torch.float64
 _KIND = {
@@ -126,22 +127,6 @@ def _batch(y, seq_offsets, m, group_sizes, s, o, q) -> dict:
         "scores": _opt(s),
         "logp_old": _opt(o),
         "target": _opt(q),
-    }
-
-
-def _opts(temperature, entropy, seq_reduce, eta, zst, anchored, kl, reduction, gng, grad_scale) -> dict:
-    """The native ``PathOpts``."""
-    return {
-        "temperature": temperature,
-        "entropy": entropy,
-        "seq_reduce": seq_reduce,
-        "eta": eta,
-        "zero_std_threshold": zst,
-        "anchored": anchored,
-        "kl": kl,
-        "reduction": reduction,
-        "global_num_groups": gng,
-        "grad_scale": grad_scale,
     }
 
 
