@@ -886,6 +886,42 @@ mod borrowed {
     }
 
     #[test]
+    fn windows_and_cudarc_streams_as_candle_hands_them_over() {
+        // A tensor's storage that starts at an offset (a window of a larger buffer), on a cudarc
+        // stream made elsewhere (`on_stream`, safe): bit-identical to the call on a copy.
+        let base = gpu().lock().unwrap();
+        let other = base.stream().context().new_stream().unwrap();
+        let tpo = base.on_stream(&other).unwrap();
+        assert_eq!(tpo.stream().cu_stream(), other.cu_stream());
+        let b = random_batch(vec![1, 5, 260, 3], 17);
+        let layout = b.layout();
+        let n = layout.len();
+        let mut padded = vec![f32::NAN; 7];
+        padded.extend(b.logp.iter().map(|&x| x as f32));
+        padded.extend([f32::NAN; 5]);
+        let whole = tpo.to_device(&padded).unwrap();
+        let copy = tpo.to_device(&padded[7..7 + n]).unwrap();
+        let s = tpo.to_device(&b.scores.iter().map(|&x| x as f32).collect::<Vec<_>>()).unwrap();
+        let dl = tpo.layout(&layout).unwrap();
+        let (tc, fc) = (TargetConfig::default(), FitConfig::default());
+        let win = tpo.window(&whole, 7..7 + n).unwrap();
+        assert_eq!(win.len(), n);
+        let mut a = tpo.alloc_fused::<f32>(&dl, false).unwrap();
+        let mut c = tpo.alloc_fused::<f32>(&dl, false).unwrap();
+        tpo.target_and_fit(&win, None, &s, &dl, &tc, &fc, &mut a).unwrap();
+        tpo.target_and_fit(&copy, None, &s, &dl, &tc, &fc, &mut c).unwrap();
+        tpo.check(&a.fit.status, &dl).unwrap();
+        assert_eq!(bits(&tpo, &a.fit.grad), bits(&tpo, &c.fit.grad));
+        assert_eq!(bits(&tpo, &a.q), bits(&tpo, &c.q));
+        drop(win);
+        // Out of bounds, and an empty window.
+        let e = tpo.window(&whole, 8..8 + n + 5).unwrap_err().to_string();
+        assert!(e.contains("window 8..") && !e.contains('\n'), "{e}");
+        assert_eq!(tpo.window(&whole, 3..3).unwrap().len(), 0);
+        assert_eq!(tpo.to_host(&whole).unwrap().len(), padded.len(), "the window freed its slice");
+    }
+
+    #[test]
     fn bad_addresses_are_refused_with_one_line() {
         let tpo = gpu().lock().unwrap();
         let buf = tpo.to_device(&[1.0f32; 16]).unwrap();

@@ -8,7 +8,10 @@
 //!   [`Borrowed::copy_from`] or the calls that take a `&mut Borrowed`, and never freed here.
 //!
 //! Both are `unsafe`: the library cannot know how long the owner keeps the memory or the stream
-//! alive. What it can check, it does: [`CudaTpo::borrow`] asks the driver for the allocation that
+//! alive. Their safe counterparts, for a caller that holds cudarc objects (candle's CUDA storage
+//! is a `CudaSlice` and its device a `CudaStream`): [`CudaTpo::on_stream`] and
+//! [`CudaTpo::window`], a sub-range of a `CudaSlice` as a `CudaSlice` (the calls take whole
+//! slices; a tensor's storage may start at an offset), tied to the slice's borrow. What it can check, it does: [`CudaTpo::borrow`] asks the driver for the allocation that
 //! holds the address (`cuPointerGetAttribute`) and refuses, with one line, a null, misaligned or
 //! host address, memory of another context, and a range that runs past the end of its allocation.
 
@@ -16,8 +19,12 @@ use super::tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers};
 use super::{cuda_err, CudaTpo, DeviceFloat};
 use crate::cpu::tokens::PathConfig;
 use crate::error::{Result, TpoError};
+use cudarc::driver::CudaStream;
 use cudarc::driver::{sys, CudaSlice, DevicePtr, DeviceRepr};
+use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
+use std::ops::Range;
+use std::sync::Arc;
 
 /// `len` elements of `T` at a device address the caller owns, seen as a [`CudaSlice`] (through
 /// `Deref`) without owning them: dropping a `Borrowed` frees nothing.
@@ -82,6 +89,22 @@ impl<T: DeviceRepr> Borrowed<T> {
     }
 }
 
+/// Elements `range` of a `CudaSlice` borrowed for `'a`, as a [`CudaSlice`] (through `Deref`), for
+/// the backend's calls that read whole slices; made by [`CudaTpo::window`]. Read-only.
+#[derive(Debug)]
+pub struct Window<'a, T> {
+    view: Borrowed<T>,
+    _slice: PhantomData<&'a CudaSlice<T>>,
+}
+
+impl<T> std::ops::Deref for Window<'_, T> {
+    type Target = CudaSlice<T>;
+
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.view
+    }
+}
+
 /// Asks the driver for one attribute of the allocation holding `ptr`.
 fn pointer_attribute<V: Default>(
     ptr: u64,
@@ -122,6 +145,56 @@ impl CudaTpo {
             sm_count: self.sm_count,
             nvtx: self.nvtx,
         }
+    }
+
+    /// This backend's kernels (context and loaded modules shared) ordered on `stream`, a cudarc
+    /// stream of the same context, e.g. a candle CUDA device's `cuda_stream()`. The returned
+    /// backend holds the stream. Errors if the stream belongs to another context.
+    pub fn on_stream(&self, stream: &Arc<CudaStream>) -> Result<CudaTpo> {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(TpoError::Cuda(format!(
+                "the stream belongs to another CUDA context than this backend's (device {}); open the \
+                 backend on the stream's device",
+                self.ctx.ordinal()
+            )));
+        }
+        Ok(CudaTpo {
+            ctx: self.ctx.clone(),
+            stream: stream.clone(),
+            kernels: self.kernels.clone(),
+            reduce: self.reduce.clone(),
+            sm_count: self.sm_count,
+            nvtx: self.nvtx,
+        })
+    }
+
+    /// Elements `range` of `slice` as a [`Window`], a `CudaSlice` for this backend's calls (which
+    /// take whole slices), valid while `slice` is borrowed. Errors if the range is out of bounds
+    /// or `slice` belongs to another context.
+    pub fn window<'a, T: DeviceRepr>(
+        &self,
+        slice: &'a CudaSlice<T>,
+        range: Range<usize>,
+    ) -> Result<Window<'a, T>> {
+        if range.start > range.end || range.end > slice.len() {
+            return Err(TpoError::Cuda(format!(
+                "window {}..{} of a device buffer of {} elements",
+                range.start,
+                range.end,
+                slice.len()
+            )));
+        }
+        if slice.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(TpoError::Cuda("window of a device buffer of another CUDA context".into()));
+        }
+        let len = range.end - range.start;
+        let base = slice.device_ptr(&self.stream).0;
+        let ptr = if len == 0 { 0 } else { base + (range.start * std::mem::size_of::<T>()) as u64 };
+        // SAFETY: `[ptr, ptr + len)` lies inside `slice` (checked above), live device memory of this
+        // context that holds `T`s and stays allocated for `'a`, the borrow the window carries;
+        // the window only reads, and `Borrowed` never frees it.
+        let view = unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) };
+        Ok(Window { view: Borrowed { slice: ManuallyDrop::new(view) }, _slice: PhantomData })
     }
 
     /// `len` elements of `T` at device address `ptr` (e.g. a PyTorch tensor's `data_ptr()`), as a

@@ -40,7 +40,7 @@ mod kernels {
 mod borrow;
 mod linear;
 mod tokens;
-pub use borrow::Borrowed;
+pub use borrow::{Borrowed, Window};
 pub use linear::{FusedLinear, LinearOutputs, GEMM_TILE};
 pub use tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers, PathAlloc, TokenBuffers};
 
