@@ -27,9 +27,14 @@
 //! Every error of the library comes back as a candle [`Error::Msg`](candle_core::Error::Msg) with
 //! the library's one-line message; nothing panics on bad input.
 //!
-//! A tensor on a CUDA or Metal device takes the same path, through a host round trip (the code
-//! is the same, but it has not been run on a device: the tests run on the CPU). tpo's CUDA kernels (`tpo::cuda`, feature `cuda`) are not yet wired
-//! to candle's CUDA storage.
+//! With the feature `candle-cuda` (candle-core's `cuda` beside tpo's `cuda`), [`group_loss`] and
+//! [`loss_from_logits`] on an `f32`, `bf16` or `f16` CUDA tensor run tpo's fused kernels on
+//! candle's CUDA storage and stream, with no host round trip of the tensors (the module
+//! `candle_cuda.rs` says how; the target and `seq_logp` are then `f32` tensors on the device).
+//! Every other case (a CPU tensor, `f64`, the baselines of [`policy_loss`], a Metal device, or a
+//! build without `candle-cuda`) takes the host path: the same code for every device, through a
+//! host round trip. The CUDA path is built in CI but has run only where a GPU exists; the host
+//! path on a device has not been run on one either (the tests run on the CPU).
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -63,6 +68,10 @@ use crate::cpu::tokens::{self, PathConfig, SequenceBatch, TargetSource};
 use crate::cpu::{self, DgConfig, FitOutput, GroupStats, GrpoConfig, PgConfig, PpoConfig};
 use crate::error::TpoError;
 use crate::layout::GroupLayout;
+
+#[cfg(feature = "candle-cuda")]
+#[path = "candle_cuda.rs"]
+mod cuda;
 
 /// candle's result type, which every function here returns.
 pub type Result<T> = candle_core::Result<T>;
@@ -125,8 +134,8 @@ pub struct GroupLoss {
     pub loss: Tensor,
     /// The loss as computed in `f64`.
     pub value: f64,
-    /// The target `q`, `[N]`, in `f64` on the CPU (where the op reads it): keep it for later epochs
-    /// ([`GroupTarget::Stored`]).
+    /// The target `q`, `[N]`, in `f64` on the CPU (where the op reads it), or in `f32` on the
+    /// device for the CUDA path: keep it for later epochs ([`GroupTarget::Stored`]).
     pub target: Tensor,
     /// `L_g` per group, unreduced.
     pub group_loss: Vec<f64>,
@@ -317,6 +326,10 @@ pub fn group_loss(
     check_float(logp, "logp")?;
     check_1d(logp, "logp", layout.len())?;
     check_unit_scale(&cfg.fit)?;
+    #[cfg(feature = "candle-cuda")]
+    if logp.device().is_cuda() && logp.dtype() != DType::F64 {
+        return cuda::group_loss(logp, layout, target, cfg);
+    }
     let source = Source::read(target, layout.len())?;
     let out = Slot::default();
     let op = GroupLossOp { layout: layout.clone(), source, cfg: *cfg, q: Mutex::default(), out: out.clone() };
@@ -356,10 +369,11 @@ pub struct LogitsLoss {
     pub loss: Tensor,
     /// The loss as computed in `f64`.
     pub value: f64,
-    /// The target `q`, one per sequence, `f64` on the CPU: keep it for later epochs.
+    /// The target `q`, one per sequence, `f64` on the CPU (`f32` on the device for the CUDA
+    /// path): keep it for later epochs.
     pub target: Tensor,
-    /// `l_i` per sequence, `f64` on the CPU (a constant: at rollout, the `l_old` of
-    /// [`GroupTarget::Rollout`] for later calls).
+    /// `l_i` per sequence, `f64` on the CPU (`f32` on the device for the CUDA path; a constant:
+    /// at rollout, the `l_old` of [`GroupTarget::Rollout`] for later calls).
     pub seq_logp: Tensor,
     /// Per-token entropy when [`TokenConfig::entropy`](crate::cpu::tokens::TokenConfig::entropy)
     /// is set.
@@ -472,6 +486,10 @@ pub fn loss_from_logits(
             batch.groups.len(),
             batch.seqs.num_groups()
         );
+    }
+    #[cfg(feature = "candle-cuda")]
+    if logits.device().is_cuda() && logits.dtype() != DType::F64 {
+        return cuda::loss_from_logits(logits, batch, target, cfg, vocab);
     }
     let hb = HostBatch {
         vocab,
