@@ -19,9 +19,7 @@ use super::tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers};
 use super::{cuda_err, CudaTpo, DeviceFloat};
 use crate::cpu::tokens::PathConfig;
 use crate::error::{Result, TpoError};
-use cudarc::driver::CudaStream;
-use cudarc::driver::{sys, CudaSlice, DevicePtr, DeviceRepr};
-use std::marker::PhantomData;
+use cudarc::driver::{sys, CudaSlice, CudaStream, DevicePtr, DeviceRepr, SyncOnDrop};
 use std::mem::ManuallyDrop;
 use std::ops::Range;
 use std::sync::Arc;
@@ -91,10 +89,20 @@ impl<T: DeviceRepr> Borrowed<T> {
 
 /// Elements `range` of a `CudaSlice` borrowed for `'a`, as a [`CudaSlice`] (through `Deref`), for
 /// the backend's calls that read whole slices; made by [`CudaTpo::window`]. Read-only.
-#[derive(Debug)]
+///
+/// It holds the parent slice's read guard until it is dropped, after the view: where the context
+/// tracks events across streams (cudarc's default, e.g. candle's), the parent's read event is
+/// recorded after the last work queued through the window, so that a later write or free of the
+/// parent on another stream waits for that work.
 pub struct Window<'a, T> {
     view: Borrowed<T>,
-    _slice: PhantomData<&'a CudaSlice<T>>,
+    _guard: SyncOnDrop<'a>,
+}
+
+impl<T> std::fmt::Debug for Window<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window").field("len", &self.view.len()).finish()
+    }
 }
 
 impl<T> std::ops::Deref for Window<'_, T> {
@@ -172,7 +180,7 @@ impl CudaTpo {
     /// take whole slices), valid while `slice` is borrowed. Errors if the range is out of bounds
     /// or `slice` belongs to another context.
     pub fn window<'a, T: DeviceRepr>(
-        &self,
+        &'a self,
         slice: &'a CudaSlice<T>,
         range: Range<usize>,
     ) -> Result<Window<'a, T>> {
@@ -188,29 +196,89 @@ impl CudaTpo {
             return Err(TpoError::Cuda("window of a device buffer of another CUDA context".into()));
         }
         let len = range.end - range.start;
-        let base = slice.device_ptr(&self.stream).0;
+        let (base, guard) = slice.device_ptr(&self.stream);
         let ptr = if len == 0 { 0 } else { base + (range.start * std::mem::size_of::<T>()) as u64 };
         // SAFETY: `[ptr, ptr + len)` lies inside `slice` (checked above), live device memory of this
         // context that holds `T`s and stays allocated for `'a`, the borrow the window carries;
         // the window only reads, and `Borrowed` never frees it.
         let view = unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) };
-        Ok(Window { view: Borrowed { slice: ManuallyDrop::new(view) }, _slice: PhantomData })
+        Ok(Window { view: Borrowed { slice: ManuallyDrop::new(view) }, _guard: guard })
+    }
+
+    /// Confirms with the driver that `[ptr, ptr + bytes)` is device memory of this backend's
+    /// device and context, walking the allocations (or mappings) that cover it: a caching
+    /// allocator's block is one allocation, but memory mapped page by page (PyTorch's expandable
+    /// segments, `cuMemMap`) is reported one mapping at a time. The reason as one line, or `Ok`.
+    fn check_device_range(&self, ptr: u64, bytes: u64) -> std::result::Result<(), String> {
+        use sys::CUpointer_attribute as A;
+        let end = ptr.checked_add(bytes).ok_or_else(|| format!("{bytes} bytes at {ptr:#x} overflow"))?;
+        let mut at = ptr;
+        // Each step moves past one whole mapping; the bound keeps a misbehaving driver from spinning.
+        for _ in 0..1_000_000 {
+            let what =
+                |e: sys::CUresult| format!("address {at:#x} is not device memory the driver knows ({e:?})");
+            // CU_MEMORYTYPE_DEVICE = 2 and CU_MEMORYTYPE_UNIFIED = 4 (managed); host (1) is refused.
+            let kind: u32 = match pointer_attribute(at, A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE) {
+                Ok(k) => k,
+                Err(_) if at > ptr => {
+                    return Err(format!(
+                        "{bytes} bytes at {ptr:#x} run past the end of its allocation (only {} bytes from \
+                         it are device memory)",
+                        at - ptr
+                    ))
+                }
+                Err(e) => return Err(what(e)),
+            };
+            if kind != 2 && kind != 4 {
+                return Err(format!(
+                    "address {at:#x} is host memory (memory type {kind}), not device memory"
+                ));
+            }
+            let ordinal: i32 = pointer_attribute(at, A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL).map_err(what)?;
+            if usize::try_from(ordinal).ok() != Some(self.ctx.ordinal()) {
+                return Err(format!(
+                    "address {at:#x} is memory of device {ordinal}, but this backend runs on device {}",
+                    self.ctx.ordinal()
+                ));
+            }
+            let ctx = pointer_attribute::<usize>(at, A::CU_POINTER_ATTRIBUTE_CONTEXT).map_err(what)?
+                as sys::CUcontext;
+            if !ctx.is_null() && ctx != self.ctx.cu_ctx() {
+                return Err(format!("address {at:#x} belongs to another CUDA context than this backend's"));
+            }
+            let start: u64 = pointer_attribute(at, A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR).map_err(what)?;
+            let size: usize = pointer_attribute(at, A::CU_POINTER_ATTRIBUTE_RANGE_SIZE).map_err(what)?;
+            let next = start.saturating_add(size as u64);
+            if start > at || next <= at {
+                return Err(format!(
+                    "the driver reports an allocation of {size} bytes at {start:#x} for {at:#x}"
+                ));
+            }
+            if next >= end {
+                return Ok(());
+            }
+            // The rest must be device memory too: the next, adjacent, allocation or mapping. (Past
+            // the end of a lone allocation, the driver knows no memory: refused.)
+            at = next;
+        }
+        Err(format!("{bytes} bytes at {ptr:#x} span more than a million allocations"))
     }
 
     /// `len` elements of `T` at device address `ptr` (e.g. a PyTorch tensor's `data_ptr()`), as a
     /// [`Borrowed`] buffer for this backend's calls. `name` names the buffer in errors.
     ///
-    /// Refused with one line: a null address (for `len > 0`), an address not aligned to `T`, an
-    /// address the driver does not know as device memory, memory of another context, and `len`
-    /// elements that run past the end of the allocation holding `ptr`. (A caching allocator's
-    /// allocation, e.g. PyTorch's, can hold many tensors: the check bounds the range by the
-    /// allocation, not by the tensor.)
+    /// Refused with one line: a null address (for `len > 0`), an address not aligned to `T`,
+    /// host memory, memory the driver does not know, memory of another device or context, and
+    /// `len` elements that run past the end of the device memory at `ptr` (the driver is asked
+    /// for the allocation, or for each mapping of memory mapped page by page, that covers the
+    /// range). A caching allocator's allocation, e.g. PyTorch's, can hold many tensors: the check
+    /// bounds the range by the allocation, not by the tensor.
     ///
     /// # Safety
     /// `[ptr, ptr + len * size_of::<T>())` must be device memory of this backend's context that
-    /// holds valid `T` values (for a buffer the backend only writes, any bits), stays allocated
-    /// as long as the returned value lives, and is not used by anyone else while this backend's
-    /// work on it is queued, other than in stream order.
+    /// holds valid `T` values (even a buffer the backend only writes: the value can be read),
+    /// stays allocated as long as the returned value lives, and is not used by anyone else while
+    /// this backend's work on it is queued, other than in stream order.
     pub unsafe fn borrow<T: DeviceRepr>(&self, name: &str, ptr: u64, len: usize) -> Result<Borrowed<T>> {
         let size = std::mem::size_of::<T>();
         let bad = |why: String| TpoError::Cuda(format!("borrowed buffer `{name}`: {why}"));
@@ -227,29 +295,7 @@ impl CudaTpo {
                 )));
             }
             self.ctx.bind_to_thread().map_err(|e| cuda_err("binding the context", e))?;
-            use sys::CUpointer_attribute as A;
-            let ctx: sys::CUcontext = pointer_attribute::<usize>(ptr, A::CU_POINTER_ATTRIBUTE_CONTEXT)
-                .map(|c| c as sys::CUcontext)
-                .map_err(|e| {
-                    bad(format!("address {ptr:#x} is not device memory the driver knows ({e:?})"))
-                })?;
-            if !ctx.is_null() && ctx != self.ctx.cu_ctx() {
-                return Err(bad(format!(
-                    "address {ptr:#x} belongs to another CUDA context than this backend's (device {})",
-                    self.ctx.ordinal()
-                )));
-            }
-            let start: u64 = pointer_attribute(ptr, A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR)
-                .map_err(|e| bad(format!("cannot query the allocation at {ptr:#x} ({e:?})")))?;
-            let range: usize = pointer_attribute(ptr, A::CU_POINTER_ATTRIBUTE_RANGE_SIZE)
-                .map_err(|e| bad(format!("cannot query the allocation at {ptr:#x} ({e:?})")))?;
-            let room = (start + range as u64).saturating_sub(ptr);
-            if ptr < start || bytes as u64 > room {
-                return Err(bad(format!(
-                    "{len} elements ({bytes} bytes) at {ptr:#x} run past the end of its allocation \
-                     ({range} bytes at {start:#x})"
-                )));
-            }
+            self.check_device_range(ptr, bytes as u64).map_err(bad)?;
         }
         // SAFETY: the caller promises the range is live device memory of this context for the
         // value's lifetime; the checks above confirmed what the driver can tell. The slice is
