@@ -628,6 +628,59 @@ mod fused_linear {
         check_shape(40, 50, &[1, 4]);
     }
 
+    #[test]
+    fn the_forward_half_matches_the_whole_path_and_writes_no_gradient() {
+        let tpo = gpu().lock().unwrap();
+        let (vocab, dim, nseq, len) = (700usize, 32usize, 6usize, 50usize);
+        let t = nseq * len;
+        let mut rng = tpo::experiments::rng::Rng::new(12);
+        let h: Vec<bf16> = (0..t * dim).map(|_| bf16::from_f64(rng.normal() * 0.5)).collect();
+        let w: Vec<bf16> = (0..vocab * dim).map(|_| bf16::from_f64(rng.normal() * 0.2)).collect();
+        let toks: Vec<u32> = (0..t).map(|_| (rng.uniform() * vocab as f64) as u32 % vocab as u32).collect();
+        let mask: Vec<u8> = (0..t).map(|i| u8::from(i % len >= 3)).collect();
+        let seqs = tpo.layout(&GroupLayout::uniform(nseq, len).unwrap()).unwrap();
+        let groups = tpo.layout(&GroupLayout::uniform(2, 3).unwrap()).unwrap();
+        let (hd, wd) = (tpo.to_device(&h).unwrap(), tpo.to_device(&w).unwrap());
+        let (y, m) = (tpo.to_device(&toks).unwrap(), tpo.to_device(&mask).unwrap());
+        let s = tpo.to_device(&[1.0f32, 0.0, 0.5, 0.0, 1.0, 0.25]).unwrap();
+        let cfg = PathConfig::default();
+        let batch = DeviceSequenceBatch { tokens: &y, seqs: &seqs, mask: &m, groups: &groups };
+        let mut runs = Vec::new();
+        for forward_only in [false, true] {
+            // Two tiles of workspace for 300 tokens: two forward chunks, several backward blocks.
+            let mut fl = FusedLinear::new(&tpo, vocab, dim, 2 * GEMM_TILE * vocab * 2).unwrap();
+            let mut out = fl
+                .alloc_outputs(&tpo, &seqs, &groups, PathAlloc { stats: true, ..PathAlloc::default() })
+                .unwrap();
+            poison(&tpo, &mut out.grad_hidden);
+            poison(&tpo, &mut out.grad_weight);
+            let source = DeviceTarget::OnPolicy { scores: &s };
+            if forward_only {
+                fl.tpo_forward_from_hidden(&tpo, &hd, &wd, &batch, source, &cfg, &mut out).unwrap();
+            } else {
+                fl.tpo_from_hidden(&tpo, &hd, &wd, &batch, source, &cfg, &mut out).unwrap();
+            }
+            tpo.check(&out.path.tokens.status, &seqs).unwrap();
+            tpo.check(&out.path.group.fit.status, &groups).unwrap();
+            let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+            runs.push((
+                bits(host(&tpo, &out.path.tokens.logp)),
+                bits(host(&tpo, &out.path.group.fit.loss)),
+                bits(host(&tpo, &out.path.group.q)),
+                bits(host(&tpo, &out.path.token_grad)),
+                host(&tpo, &out.grad_hidden).iter().all(|x| x.is_nan()),
+                host(&tpo, &out.grad_weight).iter().all(|x| x.is_nan()),
+            ));
+        }
+        let (whole, fwd) = (&runs[0], &runs[1]);
+        assert_eq!(whole.0, fwd.0, "log-probs differ");
+        assert_eq!(whole.1, fwd.1, "loss differs");
+        assert_eq!(whole.2, fwd.2, "target differs");
+        assert_eq!(whole.3, fwd.3, "per-token gradients differ");
+        assert!(!whole.4 && !whole.5, "the whole path left gradients unwritten");
+        assert!(fwd.4 && fwd.5, "the forward half wrote a gradient");
+    }
+
     fn check_shape(nseq: usize, len: usize, budgets_in_tiles: &[usize]) {
         let tpo = gpu().lock().unwrap();
         let (vocab, dim) = (1000usize, 64usize);

@@ -420,6 +420,17 @@ pub fn cuda_loss_from_hidden(
     py.detach(|| hidden_call(&a, &hidden, &weight, dim, memory_budget))
 }
 
+/// The key of a cached [`FusedLinear`]: device, stream, vocabulary, hidden size, budget.
+type LinearKey = (usize, u64, usize, usize, usize);
+
+/// The last [`FusedLinear`] of each device, kept for the next call with the same key: its cuBLAS
+/// handle (whose creation and destruction cost, and whose destruction waits for the device) and
+/// its logits workspace (`memory_budget` bytes, held outside PyTorch's allocator meanwhile).
+fn linear_cache() -> &'static Mutex<HashMap<usize, (LinearKey, FusedLinear)>> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, (LinearKey, FusedLinear)>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
 fn hidden_call(a: &PathArgs, hidden: &Desc, weight: &Desc, dim: usize, budget: usize) -> PyResult<()> {
     let tpo = backend(a.device, a.stream)?;
     if dim == 0 || weight.1 % dim != 0 {
@@ -441,9 +452,22 @@ fn hidden_call(a: &PathArgs, hidden: &Desc, weight: &Desc, dim: usize, budget: u
         stored_target: inputs.target.is_some(),
     };
     let cfg = PathConfig { fit: tpo::FitConfig { diagnostics: alloc.stats, ..a.cfg.fit }, ..a.cfg };
-    let mut fl = FusedLinear::new(&tpo, vocab, dim, budget).map_err(value_error)?;
+    // Without gradient outputs (the autograd forward), only the forward half runs.
+    let grads = a.outs.contains_key("grad_hidden") || a.outs.contains_key("grad_weight");
+    let key = (a.device, a.stream, vocab, dim, budget);
+    let mut cache = linear_cache().lock().unwrap_or_else(|e| e.into_inner());
+    let fl = match cache.remove(&a.device) {
+        Some((k, fl)) if k == key => fl,
+        _ => FusedLinear::new(&tpo, vocab, dim, budget).map_err(value_error)?,
+    };
+    let fl = &mut cache.entry(a.device).or_insert((key, fl)).1;
     let mut out = fl.alloc_outputs(&tpo, &t.seqs, &t.groups, alloc).map_err(value_error)?;
-    fl.tpo_from_hidden(&tpo, &h, &w, &batch, source, &cfg, &mut out).map_err(value_error)?;
+    if grads {
+        fl.tpo_from_hidden(&tpo, &h, &w, &batch, source, &cfg, &mut out).map_err(value_error)?;
+    } else {
+        fl.tpo_forward_from_hidden(&tpo, &h, &w, &batch, source, &cfg, &mut out).map_err(value_error)?;
+    }
+    drop(cache);
     tpo.check(&out.path.tokens.status, &t.seqs).map_err(value_error)?;
     tpo.check(&out.path.group.fit.status, &t.groups).map_err(value_error)?;
     put_path(&tpo, &a.outs, &out.path, &inputs)?;

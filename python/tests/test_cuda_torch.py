@@ -70,3 +70,56 @@ def test_loss_from_logits_and_hidden_on_cuda_tensors_match_the_cpu():
     close("hidden loss", loss, lr, 1.0, 1.0 / 128)
     close("grad_hidden", hc.grad, hr.grad, hr.grad.abs().max().item(), 1.0 / 64)
     close("grad_weight", wc.grad, wr.grad, wr.grad.abs().max().item(), 1.0 / 64)
+
+
+@pytest.mark.parametrize("kind", ["rollout", "stored"])
+def test_rollout_and_stored_targets_on_a_side_stream(kind):
+    g = torch.Generator().manual_seed(3)
+    sizes = [3, 1, 6]
+    n = sum(sizes)
+    logp = torch.randn(n, generator=g) * 2 - 4
+    old = logp + 0.3 * torch.randn(n, generator=g)
+    scores = torch.rand(n, generator=g)
+    r = logp.double().requires_grad_()
+    _, q = tpo.group_loss(r.detach(), scores.double(), sizes, logp_old=old.double(), return_target=True)
+    kw = {"logp_old": old.double()} if kind == "rollout" else {"target": q}
+    sc = scores.double() if kind == "rollout" else None
+    rl, rd = tpo.group_loss(r, sc, sizes, diagnostics=True, **kw)
+    rl.backward()
+    x = logp.cuda().requires_grad_()
+    kwc = {"logp_old": old.cuda()} if kind == "rollout" else {"target": q.cuda()}
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        loss, d = tpo.group_loss(x, None if sc is None else scores.cuda(), sizes, diagnostics=True, **kwc)
+        loss.backward()
+    torch.cuda.synchronize()
+    close("loss", loss, rl, 1.0, 1e-4)
+    close("grad", x.grad, r.grad, 1.0 / len(sizes), 1e-5)
+    close("kl_q_p", d["kl_q_p"], rd["kl_q_p"], 1.0, 1e-4)
+    if kind == "rollout":
+        close("kl_q_pold", d["kl_q_pold"], rd["kl_q_pold"], 1.0, 1e-4)
+
+
+def test_token_paths_on_a_side_stream_with_diagnostics():
+    g = torch.Generator().manual_seed(4)
+    t, v, h = 12, 40, 16
+    offsets, sizes = [0, 4, 8, 12], [3]
+    tokens = torch.randint(0, v, (t,), generator=g)
+    mask = torch.ones(t)
+    scores = torch.tensor([1.0, 0.0, 0.5])
+    z = torch.randn(t, v, generator=g)
+    _, rq, rd = tpo.loss_from_logits(z.double(), tokens, offsets, mask, scores.double(), sizes, return_target=True, diagnostics=True)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        _, q, d = tpo.loss_from_logits(z.cuda(), tokens.cuda(), offsets, mask.cuda(), scores.cuda(), sizes, return_target=True, diagnostics=True)
+    torch.cuda.synchronize()
+    close("target", q, rq, 1.0, 1e-5)
+    for k in ("seq_logp", "token_logp", "kl_q_p", "entropy_q"):
+        close(k, d[k], rd[k], 1.0, 1e-4)
+    hid = (torch.randn(t, h, generator=g) * 0.5).bfloat16()
+    w = (torch.randn(v, h, generator=g) * 0.2).bfloat16()
+    rl = tpo.loss_from_hidden(hid.double(), w.double(), tokens, offsets, mask, scores.double(), sizes)
+    with torch.cuda.stream(s):
+        loss = tpo.loss_from_hidden(hid.cuda(), w.cuda(), tokens.cuda(), offsets, mask.cuda(), scores.cuda(), sizes)
+    torch.cuda.synchronize()
+    close("hidden loss", loss, rl, 1.0, 1.0 / 128)

@@ -6,8 +6,9 @@ kernels read the tensors' memory in place and write into output tensors allocate
 on that stream. The native module checks every address with the driver (device memory of the
 device's primary context, aligned, inside its allocation) before use.
 
-Each call synchronises the current stream once, to read the kernels' error word, so that bad
-data raises ``ValueError`` at the call, as on the CPU. The kernels compute in float32: log-probs
+Each call waits for the current stream (to read the kernels' error words, and the small results
+the native side copies out), so that bad data raises ``ValueError`` at the call, as on the CPU;
+for the same reason the ops cannot be captured in a CUDA graph (refused with ``ValueError``). The kernels compute in float32: log-probs
 and logits are read in float32, bfloat16 or float16 (float64 is refused), scores, ``logp_old``
 (for the token paths) and stored targets are read as float32, the target and diagnostics are
 float32 widened to float64 for the op's outputs, the loss is returned in the input's dtype.
@@ -40,7 +41,8 @@ DEFAULT_WORKSPACE = 1 << 30
 
 def _desc(t: Tensor):
     """A contiguous tensor as ``(address, elements, dtype)``; the caller keeps ``t`` alive."""
-    assert t.is_contiguous()
+    if not t.is_contiguous():
+        raise ValueError("tpo internal error: a non-contiguous tensor reached the CUDA call")
     return (t.data_ptr(), t.numel(), _KIND[t.dtype])
 
 
@@ -48,10 +50,20 @@ def _on(t: Optional[Tensor], device, dtype) -> Optional[Tensor]:
     return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
 
 
-def _stream(device: torch.device):
-    return device.index if device.index is not None else torch.cuda.current_device(), torch.cuda.current_stream(
-        device
-    ).cuda_stream
+def _call(device: torch.device, native, *args) -> None:
+    """Runs ``native(ordinal, stream, *args)`` for tensors on ``device``, on its current stream.
+
+    The native side makes the device's primary context current (as PyTorch's own calls do); the
+    ``torch.cuda.device`` block puts the caller's current device back afterwards. The call waits
+    for the stream to read the kernels' error words, which a CUDA graph cannot capture: refused.
+    """
+    if torch.cuda.is_current_stream_capturing():
+        raise ValueError(
+            "tpo's CUDA ops wait for the stream to report bad data, so they cannot be captured in a "
+            "CUDA graph (torch.cuda.graph, torch.compile(mode=\"reduce-overhead\")); call them outside it"
+        )
+    with torch.cuda.device(device):
+        native(torch.cuda.current_device(), torch.cuda.current_stream(device).cuda_stream, *args)
 
 
 def _group_outs(device, n: int, b: int, grad_dtype=None):
@@ -80,9 +92,8 @@ def group_loss(logp, sizes, scores, logp_old, target, eta, zst, anchored, kl, re
     x = logp.detach().contiguous()
     s, o, q = _on(scores, dev, torch.float32), _on(logp_old, dev, x.dtype), _on(target, dev, torch.float32)
     outs = _group_outs(dev, x.shape[0], len(sizes))
-    ordinal, stream = _stream(dev)
-    _native.cuda_group_loss(
-        ordinal, stream, _desc(x), sizes, _opt(s), _opt(o), _opt(q), eta, zst, anchored, kl,
+    _call(
+        dev, _native.cuda_group_loss, _desc(x), sizes, _opt(s), _opt(o), _opt(q), eta, zst, anchored, kl,
         reduction, gng, 1.0, _descs(outs),
     )  # fmt: skip
     loss = outs["loss"].reshape(()).to(logp.dtype)
@@ -95,9 +106,8 @@ def group_loss_grad(grad: Tensor, logp, target, sizes, kl, reduction, gng) -> Te
     x = logp.detach().contiguous()
     q = _on(target, dev, torch.float32)
     outs = {"grad": torch.full((x.shape[0],), math.nan, device=dev, dtype=x.dtype)}
-    ordinal, stream = _stream(dev)
-    _native.cuda_group_loss(
-        ordinal, stream, _desc(x), sizes, None, None, _desc(q), 1.0, 1e-6, True, kl, reduction,
+    _call(
+        dev, _native.cuda_group_loss, _desc(x), sizes, None, None, _desc(q), 1.0, 1e-6, True, kl, reduction,
         gng, float(grad), _descs(outs),
     )  # fmt: skip
     return outs["grad"].reshape(logp.shape)
@@ -108,6 +118,10 @@ def _opt(t: Optional[Tensor]):
 
 
 def _path_inputs(dev, tokens, mask, scores, logp_old, target):
+    # Token ids cross as int32; the kernels refuse ids outside the vocabulary, negative ones too
+    # (read as u32), but an int64 id of 2^32 or more would wrap into it: refused here.
+    if tokens.dtype == torch.int64 and tokens.numel() and int(tokens.max()) >= 2**31:
+        raise ValueError(f"tokens holds {int(tokens.max())}: token ids must be in 0..V")
     return (
         tokens.detach().to(device=dev, dtype=torch.int32).contiguous(),
         mask.detach().to(device=dev, dtype=torch.uint8).contiguous(),
@@ -167,9 +181,8 @@ def logits_forward(logits, tokens, seq_offsets, mask, group_sizes, scores, logp_
     t, v = z.shape
     y, m, s, o, q = _path_inputs(dev, tokens, mask, scores, logp_old, target)
     outs = _path_outs(dev, t, len(seq_offsets) - 1, len(group_sizes), entropy)
-    ordinal, stream = _stream(dev)
-    _native.cuda_loss_from_logits(
-        ordinal, stream, _desc(z), v, _batch(y, seq_offsets, m, group_sizes, s, o, q),
+    _call(
+        dev, _native.cuda_loss_from_logits, _desc(z), v, _batch(y, seq_offsets, m, group_sizes, s, o, q),
         _opts(temperature, entropy, seq_reduce, eta, zst, anchored, kl, reduction, gng, 1.0),
         None, _descs(outs),
     )  # fmt: skip
@@ -181,11 +194,10 @@ def logits_grad(grad, logits, tokens, seq_offsets, mask, group_sizes, target, te
     """The backward of ``tpo::loss_from_logits`` on CUDA: dL/dlogits, written by the kernels over
     a copy of the logits (one ``[T, V]`` buffer, which is the returned gradient)."""
     dev = logits.device
-    g = logits.detach().contiguous().clone()
+    g = logits.detach().clone(memory_format=torch.contiguous_format)
     y, m, _s, _o, q = _path_inputs(dev, tokens, mask, None, None, target)
-    ordinal, stream = _stream(dev)
-    _native.cuda_loss_from_logits(
-        ordinal, stream, _desc(g), g.shape[1], _batch(y, seq_offsets, m, group_sizes, None, None, q),
+    _call(
+        dev, _native.cuda_loss_from_logits, _desc(g), g.shape[1], _batch(y, seq_offsets, m, group_sizes, None, None, q),
         _opts(temperature, False, seq_reduce, 1.0, 1e-6, True, kl, reduction, gng, float(grad)),
         _desc(g), {},
     )  # fmt: skip
@@ -220,9 +232,8 @@ def _hidden_call(hidden, weight, tokens, seq_offsets, mask, group_sizes, scores,
             "grad_hidden": torch.full((t, d), math.nan, device=dev, dtype=torch.float32),
             "grad_weight": torch.full(tuple(w.shape), math.nan, device=dev, dtype=torch.float32),
         }
-    ordinal, stream = _stream(dev)
-    _native.cuda_loss_from_hidden(
-        ordinal, stream, _desc(h), _desc(w), d, _batch(y, seq_offsets, m, group_sizes, s, o, q),
+    _call(
+        dev, _native.cuda_loss_from_hidden, _desc(h), _desc(w), d, _batch(y, seq_offsets, m, group_sizes, s, o, q),
         _opts(temperature, entropy, seq_reduce, eta, zst, anchored, kl, reduction, gng, grad_scale),
         workspace_budget(budget, t, w.shape[0]), _descs(outs),
     )  # fmt: skip

@@ -154,6 +154,40 @@ impl FusedLinear {
         cfg: &PathConfig,
         out: &mut LinearOutputs,
     ) -> Result<()> {
+        self.call(tpo, hidden, weight, batch, source, cfg, out, false)
+    }
+
+    /// The forward half of [`tpo_from_hidden`](Self::tpo_from_hidden): the logits GEMMs, the
+    /// token log-probs, the sequence sums and the group call (loss, target, per-token gradients
+    /// `g_t`), without the backward's GEMMs; `out.grad_hidden` and `out.grad_weight` are not
+    /// written. Its log-probs and loss are bit-identical to the whole path's (the same GEMMs and
+    /// kernels on the same chunks). For an autograd forward whose backward runs the whole path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tpo_forward_from_hidden(
+        &mut self,
+        tpo: &CudaTpo,
+        hidden: &CudaSlice<bf16>,
+        weight: &CudaSlice<bf16>,
+        batch: &DeviceSequenceBatch,
+        source: DeviceTarget,
+        cfg: &PathConfig,
+        out: &mut LinearOutputs,
+    ) -> Result<()> {
+        self.call(tpo, hidden, weight, batch, source, cfg, out, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn call(
+        &mut self,
+        tpo: &CudaTpo,
+        hidden: &CudaSlice<bf16>,
+        weight: &CudaSlice<bf16>,
+        batch: &DeviceSequenceBatch,
+        source: DeviceTarget,
+        cfg: &PathConfig,
+        out: &mut LinearOutputs,
+        forward_only: bool,
+    ) -> Result<()> {
         self.same_stream(tpo)?;
         let tok = &cfg.tokens;
         let (t, v, d) = (batch.seqs.host.len(), self.vocab, self.dim);
@@ -189,7 +223,14 @@ impl FusedLinear {
             _ => (plan, plan.steps()),
         };
         let _range = tpo.range("tpo::tpo_from_hidden");
-        let r = self.run(tpo, &plan, &steps, hidden, weight, batch, source, cfg, out);
+        // The forward is every step up to the group call, which comes once, between the forward
+        // chunks and the backward blocks.
+        let upto = if forward_only {
+            steps.iter().position(|s| matches!(s, Step::Group)).map_or(steps.len(), |i| i + 1)
+        } else {
+            steps.len()
+        };
+        let r = self.run(tpo, &plan, &steps[..upto], hidden, weight, batch, source, cfg, out);
         self.schedule = Some((plan, steps));
         r
     }
