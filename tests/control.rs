@@ -447,8 +447,14 @@ fn cli_writes_summary_curves_and_figures_and_keeps_existing_files() {
     assert_eq!(c["curves"]["2"]["tpo_mean"]["target_mean"]["max_pold"].as_array().unwrap().len(), 3);
     assert_eq!(c["curves"]["2"]["tpo"]["return_mean"].as_array().unwrap().len(), 3);
     assert_eq!(c["config"]["episodes_per_iteration"], 16);
-    for f in ["control_returns.png", "control_stability.png", "control_returns.svg", "control_stability.svg"]
-    {
+    for f in [
+        "control_returns.png",
+        "control_stability.png",
+        "control_target.png",
+        "control_returns.svg",
+        "control_stability.svg",
+        "control_target.svg",
+    ] {
         assert!(std::fs::metadata(d.join(f)).unwrap().len() > 5_000, "{f}");
     }
     // Another thread count gives the same runs.
@@ -497,5 +503,26 @@ fn cli_methods_runs_only_the_methods_given() {
     assert!(s["methods"]["tpo_step"]["target"].is_object() && s["methods"]["grpo"]["target"].is_null());
     assert_eq!(s["config"]["tpo_eta"], 0.5);
     assert_eq!(s["config"]["methods"], serde_json::json!(["tpo_step", "grpo"]));
+    assert!(d.join("control_target.png").exists() && d.join("control_target.svg").exists());
+    // Without a TPO method there is no target figure.
+    let d2 = tmp("methods2");
+    let o2 = d2.to_str().unwrap();
+    let (code, _, stderr) = tpo(&[
+        "reproduce",
+        "control",
+        "--seeds",
+        "1",
+        "--steps",
+        "1",
+        "--epochs",
+        "1",
+        "--methods",
+        "ppo",
+        "--out",
+        o2,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(d2.join("control_returns.png").exists() && !d2.join("control_target.png").exists());
     let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(&d2);
 }

@@ -4,7 +4,8 @@
 //! Writes into `--out` (default `results/control`): `summary.json` (per epoch setting and method:
 //! final return, steps to 475, collapse fraction, update KL and gradient norms), `control.json`
 //! (the configuration, mean ± s.e. curves and every seed's curves) and the figures
-//! `control_returns.{png,svg}` and `control_stability.{png,svg}`.
+//! `control_returns.{png,svg}`, `control_stability.{png,svg}` and, when a TPO method ran,
+//! `control_target.{png,svg}` (the first epoch's target against its anchor).
 
 use super::output::{self, Policy, Scratch};
 use super::plot::{register_font, seeds_text, step_ticks, LogAxis};
@@ -27,13 +28,15 @@ pub const EPOCH_SWEEP: [usize; 3] = [1, 4, 16];
 pub const DEFAULT_ITERATIONS: usize = 60;
 
 /// The files a run writes.
-const FILES: [&str; 6] = [
+const FILES: [&str; 8] = [
     "summary.json",
     "control.json",
     "control_returns.png",
     "control_returns.svg",
     "control_stability.png",
     "control_stability.svg",
+    "control_target.png",
+    "control_target.svg",
 ];
 
 /// Runs the experiment with the arguments of `tpo reproduce control`.
@@ -136,17 +139,22 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     );
     draw(&out, "control_returns", &policy, Fig::Returns, &title, &cfg, &stats)?;
     draw(&out, "control_stability", &policy, Fig::Stability, &title, &cfg, &stats)?;
+    let tpo_ran = methods.iter().any(|m| m.is_tpo());
+    if tpo_ran {
+        draw(&out, "control_target", &policy, Fig::Target, &title, &cfg, &stats)?;
+    }
 
     table(&cfg, &stats);
     println!(
         "{}, {} iterations × {} episodes, {} threads, {:.1} s; wrote {}/{{summary,control}}.json, \
-         control_{{returns,stability}}.{{png,svg}}",
+         control_{{{}}}.{{png,svg}}",
         seeds_text(cfg.seeds),
         cfg.iterations,
         episodes,
         threads,
         secs,
-        out.display()
+        out.display(),
+        if tpo_ran { "returns,stability,target" } else { "returns,stability" }
     );
     Ok(())
 }
@@ -458,11 +466,13 @@ fn io_text(e: &std::io::Error) -> String {
 
 type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
-/// The two figures.
+/// The figures.
 #[derive(Clone, Copy)]
 enum Fig {
     Returns,
     Stability,
+    /// The TPO methods' target against its anchor (drawn when a TPO method ran).
+    Target,
 }
 
 /// Draws `out/stem.{png,svg}` through a scratch folder and [`output::write`].
@@ -525,6 +535,11 @@ fn paint<DB: DrawingBackend>(
         cfg.starts,
         cfg.group
     );
+    let band = if matches!(fig, Fig::Target) {
+        format!("Lines: mean over {} (no bands).", seeds_text(cfg.seeds))
+    } else {
+        band
+    };
     let mut lines = vec![band, batch];
     match fig {
         Fig::Returns => {
@@ -537,6 +552,28 @@ fn paint<DB: DrawingBackend>(
             let panels = body.split_evenly((1, stats.len()));
             for (k, (e, ms)) in stats.iter().enumerate() {
                 returns_panel(&panels[k], *e, ms, cfg, k == 0)?;
+            }
+            footer_text(&footer, &lines)
+        }
+        Fig::Target => {
+            lines.push(
+                "TPO methods: the target q and its anchor p_old = softmax(l_old) of each batch, per group, averaged over its groups."
+                    .to_string(),
+            );
+            lines.push(
+                "Top: ½ Σ_i |p_old,i − q_i| (total variation; the size of the first epoch's gradient p_old − q)."
+                    .to_string(),
+            );
+            lines.push(
+                "Bottom: Σ_i p_old,i z_i, the anchor's expected z-scored return (< 0: the anchor favours the group's low returns)."
+                    .to_string(),
+            );
+            let (_, h) = root.dim_in_pixel();
+            let (body, footer) = root.split_vertically(h.saturating_sub(12 + 20 * lines.len() as u32));
+            let panels = body.split_evenly((2, stats.len()));
+            for (k, (e, ms)) in stats.iter().enumerate() {
+                target_panel(&panels[k], *e, ms, cfg, 3, "TV(p_old, q)", k == 0)?;
+                target_panel(&panels[stats.len() + k], *e, ms, cfg, 4, "E_p_old[z(R)]", false)?;
             }
             footer_text(&footer, &lines)
         }
@@ -688,6 +725,67 @@ fn returns_panel<DB: DrawingBackend>(
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
             .label_font(("sans-serif", 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    Ok(())
+}
+
+/// One [`TargetStats`] field (index `field` of [`TARGET_FIELDS`]) per batch for the TPO methods,
+/// on a linear axis that holds every value (and 0).
+fn target_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    epochs: usize,
+    ms: &[MethodStats],
+    cfg: &ControlConfig,
+    field: usize,
+    y_label: &str,
+    legend: bool,
+) -> DrawResult<DB> {
+    let n = cfg.iterations as f64;
+    let (mut lo, mut hi) = (0.0f64, 0.0f64);
+    for v in ms.iter().filter_map(|m| m.target.as_ref()).flat_map(|t| t[field].iter()) {
+        lo = lo.min(*v);
+        hi = hi.max(*v);
+    }
+    let pad = 0.05 * (hi - lo).max(1e-3);
+    let mut chart = ChartBuilder::on(area)
+        .caption(epochs_caption(epochs), ("sans-serif", 18))
+        .margin(10)
+        .margin_right(24)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..n, lo - pad..hi + pad)?;
+    chart
+        .configure_mesh()
+        .x_desc("rollout batch")
+        .y_desc(y_label)
+        .x_labels(10)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        // No "-0.00": a label that rounds to zero is "0.00".
+        .y_label_formatter(&|v| format!("{:.2}", if v.abs() < 0.005 { 0.0 } else { *v }))
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()?;
+    chart.draw_series(LineSeries::new([(0.0, 0.0), (n, 0.0)], BLACK.stroke_width(1)))?;
+    let xs: Vec<f64> = (1..=cfg.iterations).map(|i| i as f64).collect();
+    for m in ms {
+        let Some(t) = &m.target else { continue };
+        let c = color(m.method);
+        chart
+            .draw_series(LineSeries::new(
+                xs.iter().copied().zip(t[field].iter().copied()),
+                c.stroke_width(2),
+            ))?
+            .label(m.method.label())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
+    }
+    if legend {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 14))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()?;
