@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 use tpo::experiments::control::{
-    collapsed, final_return, first_reaching, gradient, mean_se, run_all, Batch, ControlConfig, ControlMethod,
-    Frozen, Policy, METHODS, OBS,
+    collapsed, final_return, first_reaching, gradient, layout, mean_se, run_all, signal, target_stats, Batch,
+    ControlConfig, ControlMethod, Frozen, Policy, ALL_METHODS, METHODS, OBS,
 };
 use tpo::experiments::rng::Rng;
 
@@ -17,7 +17,7 @@ fn small() -> ControlConfig {
 fn short_runs_are_bit_identical_twice_and_on_any_number_of_threads() {
     let cfg = small();
     let runs = |threads| {
-        let r = run_all(&cfg, &METHODS, &[1, 3], threads, &|| {}).unwrap();
+        let r = run_all(&cfg, &ALL_METHODS, &[1, 3], threads, &|| {}).unwrap();
         format!("{r:?}") // Debug prints every f64 exactly (shortest round trip)
     };
     let one = runs(1);
@@ -25,12 +25,20 @@ fn short_runs_are_bit_identical_twice_and_on_any_number_of_threads() {
     assert_eq!(one, runs(2), "2 threads differ from 1");
     assert_eq!(one, runs(3), "3 threads differ from 1");
     // The runs did something: every method changed its policy, so the update KL is positive.
-    let r = run_all(&cfg, &METHODS, &[3], 2, &|| {}).unwrap();
-    assert_eq!(r.len(), METHODS.len() * cfg.seeds);
+    let r = run_all(&cfg, &ALL_METHODS, &[3], 2, &|| {}).unwrap();
+    assert_eq!(r.len(), ALL_METHODS.len() * cfg.seeds);
     for run in &r {
         assert!(run.updates.iter().any(|u| u.kl_mean > 0.0), "{:?} did not move", run.method);
         assert!(run.returns.iter().all(|&x| (1.0..=500.0).contains(&x)));
+        // The target statistics exist exactly for the TPO methods.
+        assert!(run.updates.iter().all(|u| u.target.is_some() == run.method.is_tpo()), "{:?}", run.method);
     }
+    // The default sweep is a subset of every method, keys are unique and round-trip.
+    assert!(METHODS.iter().all(|m| ALL_METHODS.contains(m)));
+    for m in ALL_METHODS {
+        assert_eq!(ControlMethod::from_key(m.key()), Some(m));
+    }
+    assert_eq!(ControlMethod::from_key("TPO"), None);
     // Same seed, same start states and initial weights for every method: the first batch's
     // returns differ only through the action samples, which are the same too before any update.
     let first: Vec<f64> = r.iter().filter(|x| x.seed == 0).map(|x| x.returns[0]).collect();
@@ -125,9 +133,16 @@ fn hand_dl(
                     out[i] = -gate * a / k / nb;
                 }
             }
-            ControlMethod::Tpo => {
+            ControlMethod::Tpo
+            | ControlMethod::TpoMean
+            | ControlMethod::TpoStep
+            | ControlMethod::TpoNoAnchor => {
                 let u = zscore(s);
-                let lq: Vec<f64> = lo.iter().zip(&u).map(|(a, b)| a + b / cfg.tpo_eta).collect();
+                let lq: Vec<f64> = if m == ControlMethod::TpoNoAnchor {
+                    u.iter().map(|b| b / cfg.tpo_eta).collect()
+                } else {
+                    lo.iter().zip(&u).map(|(a, b)| a + b / cfg.tpo_eta).collect()
+                };
                 let (p, q) = (softmax(l), softmax(&lq));
                 for i in 0..l.len() {
                     loss -= q[i] * p[i].ln() / nb;
@@ -178,8 +193,9 @@ fn every_update_goes_through_the_op_and_equals_a_hand_computation() {
     let batch = hand_batch();
     let per: Vec<(f64, Vec<f64>)> =
         batch.obs.iter().zip(&batch.actions).map(|(x, &a)| hand_logp(&policy, x, a as usize)).collect();
-    for m in METHODS {
-        // Members: steps (PPO, GRPO) or episodes (sequence log-prob = sum of the steps').
+    for m in ALL_METHODS {
+        // Members: steps (PPO, GRPO, TPO-step) or episodes (sequence log-prob = sum of the
+        // steps', or their mean for TPO-mean).
         let mut members: Vec<(f64, Vec<f64>)> = Vec::new();
         let mut groups = Vec::new();
         let mut sig = Vec::new();
@@ -197,10 +213,11 @@ fn every_update_goes_through_the_op_and_equals_a_hand_computation() {
                         sig.push(if m == ControlMethod::Ppo { rets[e] - mean } else { rets[e] });
                     }
                 } else {
-                    let l = steps.iter().map(|s| s.0).sum();
+                    let w = if m == ControlMethod::TpoMean { 1.0 / n as f64 } else { 1.0 };
+                    let l = steps.iter().map(|s| w * s.0).sum();
                     let mut g = vec![0.0; policy.params.len()];
                     for s in steps {
-                        g.iter_mut().zip(&s.1).for_each(|(a, b)| *a += b);
+                        g.iter_mut().zip(&s.1).for_each(|(a, b)| *a += w * b);
                     }
                     members.push((l, g));
                     sig.push(rets[e]);
@@ -254,6 +271,44 @@ fn every_update_goes_through_the_op_and_equals_a_hand_computation() {
             assert!(want.iter().any(|&w| w.abs() > 1e-6), "{m:?}: the hand gradient is zero");
         }
     }
+}
+
+#[test]
+fn target_stats_equal_a_hand_computation() {
+    let cfg = ControlConfig { tpo_eta: 0.7, ..ControlConfig::default() };
+    let batch = hand_batch(); // groups: episodes of lengths 3, 1 | 2, 4 (returns = lengths)
+    let logp_old = [-2.1f32, -0.4, -1.5, -2.9];
+    for m in [ControlMethod::Tpo, ControlMethod::TpoNoAnchor] {
+        let got = target_stats(m, &cfg, &batch, &logp_old).unwrap().unwrap();
+        let mut want = [0.0f64; 5];
+        for g in [0..2, 2..4] {
+            let lo: Vec<f64> = logp_old[g.clone()].iter().map(|&x| x as f64).collect();
+            let u = zscore(&batch.returns[g.clone()]);
+            let p = softmax(&lo);
+            let lq: Vec<f64> = if m == ControlMethod::Tpo {
+                lo.iter().zip(&u).map(|(a, b)| a + b / cfg.tpo_eta).collect()
+            } else {
+                u.iter().map(|b| b / cfg.tpo_eta).collect()
+            };
+            let q = softmax(&lq);
+            want[0] += (0..2).map(|i| q[i] * (q[i] / p[i]).ln()).sum::<f64>() / 2.0;
+            want[1] += p[0].max(p[1]) / 2.0;
+            want[2] += q[0].max(q[1]) / 2.0;
+            want[3] += (0..2).map(|i| 0.5 * (p[i] - q[i]).abs()).sum::<f64>() / 2.0;
+            want[4] += (0..2).map(|i| p[i] * u[i]).sum::<f64>() / 2.0;
+        }
+        let got = [got.kl_q_pold, got.max_pold, got.max_q, got.tv, got.pold_z];
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0), "{m:?} field {i}: {g} vs hand {w}");
+        }
+    }
+    // The per-step TPO's groups are the start states' steps; the baselines have no target.
+    let steps = vec![-0.7f32; batch.steps()];
+    let t = target_stats(ControlMethod::TpoStep, &cfg, &batch, &steps).unwrap().unwrap();
+    assert_eq!(layout(ControlMethod::TpoStep, &batch).unwrap().num_groups(), 2);
+    assert_eq!(signal(ControlMethod::TpoStep, &batch).len(), batch.steps());
+    assert!((t.max_pold - (0.25 + 1.0 / 6.0) / 2.0).abs() < 1e-12, "{t:?}");
+    assert_eq!(target_stats(ControlMethod::Grpo, &cfg, &batch, &steps).unwrap(), None);
 }
 
 #[test]
@@ -314,6 +369,16 @@ fn cli_errors_are_one_line() {
             2,
         ),
         (vec!["reproduce", "tabular", "--epochs", "4", "--out", o], "error: --epochs applies to `tpo reproduce control` only", 1),
+        (vec!["reproduce", "tabular", "--methods", "tpo", "--out", o], "error: --methods applies to `tpo reproduce control` only", 1),
+        (vec!["reproduce", "reversal", "--tpo-eta", "2", "--out", o], "error: --tpo-eta applies to `tpo reproduce control` only", 1),
+        (
+            vec!["reproduce", "control", "--methods", "tpo,TPO", "--out", o],
+            "error: --methods: unknown method 'TPO' (expected some of reinforce, ppo, grpo, dg, tpo, tpo_mean, tpo_noanchor, tpo_step)",
+            1,
+        ),
+        (vec!["reproduce", "control", "--methods", "dg,tpo,dg", "--out", o], "error: --methods: 'dg' is given twice", 1),
+        (vec!["reproduce", "control", "--tpo-eta", "0", "--out", o], "error: --tpo-eta must be finite and > 0, got 0", 1),
+        (vec!["reproduce", "control", "--tpo-eta", "inf", "--out", o], "error: --tpo-eta must be finite and > 0, got inf", 1),
         (
             vec!["reproduce", "control", "--backend", "cuda", "--out", o],
             "error: reproduce control runs on the CPU (candle's CPU backend): drop --backend",
@@ -356,19 +421,40 @@ fn cli_writes_summary_curves_and_figures_and_keeps_existing_files() {
     let s = read(&d, "summary.json");
     assert_eq!(s["threshold"], 475.0);
     assert!(s["metric"].is_string());
-    for key in ["reinforce", "ppo", "grpo", "dg", "tpo"] {
+    let keys: Vec<&str> = METHODS.iter().map(|m| m.key()).collect();
+    assert_eq!(keys, ["reinforce", "ppo", "grpo", "dg", "tpo", "tpo_mean"]);
+    assert_eq!(s["methods"].as_object().unwrap().len(), keys.len());
+    for key in keys {
         let m = &s["methods"][key];
         assert!(m["final"].is_f64() && m["final_se"].is_f64(), "{key}: {m}");
         assert!(m["steps_to_threshold"].is_null() || m["steps_to_threshold"].is_u64(), "{key}: {m}");
         assert_eq!(s["by_epochs"]["2"]["methods"][key], *m);
+        // The target against its anchor: TPO methods only.
+        let tpo = key.starts_with("tpo");
+        assert_eq!(m["target"].is_object(), tpo, "{key}: {m}");
+        if tpo {
+            for f in ["kl_q_pold", "max_pold", "max_q", "tv_pold_q", "pold_z"] {
+                assert!(
+                    m["target"][f]["mean"].is_f64() && m["target"][f]["first_batch"].is_f64(),
+                    "{key} {f}"
+                );
+            }
+        }
     }
     assert_eq!(s["methods_epochs"], 2);
     let c = read(&d, "control.json");
-    assert_eq!(c["runs"].as_array().unwrap().len(), 5 * 2);
+    assert_eq!(c["runs"].as_array().unwrap().len(), METHODS.len() * 2);
+    assert_eq!(c["curves"]["2"]["tpo_mean"]["target_mean"]["max_pold"].as_array().unwrap().len(), 3);
     assert_eq!(c["curves"]["2"]["tpo"]["return_mean"].as_array().unwrap().len(), 3);
     assert_eq!(c["config"]["episodes_per_iteration"], 16);
-    for f in ["control_returns.png", "control_stability.png", "control_returns.svg", "control_stability.svg"]
-    {
+    for f in [
+        "control_returns.png",
+        "control_stability.png",
+        "control_target.png",
+        "control_returns.svg",
+        "control_stability.svg",
+        "control_target.svg",
+    ] {
         assert!(std::fs::metadata(d.join(f)).unwrap().len() > 5_000, "{f}");
     }
     // Another thread count gives the same runs.
@@ -383,6 +469,60 @@ fn cli_writes_summary_curves_and_figures_and_keeps_existing_files() {
         stderr.contains("already exists (pass --force to overwrite it)") && stderr.lines().count() == 1,
         "{stderr}"
     );
+    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(&d2);
+}
+
+#[test]
+fn cli_methods_runs_only_the_methods_given() {
+    let d = tmp("methods");
+    let (code, stdout, stderr) = tpo(&[
+        "reproduce",
+        "control",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--methods",
+        "tpo_step,grpo",
+        "--tpo-eta",
+        "0.5",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("TPO-step") && !stdout.contains("REINFORCE"), "{stdout}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap();
+    let keys: Vec<&String> = s["methods"].as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(s["methods"]["tpo_step"]["target"].is_object() && s["methods"]["grpo"]["target"].is_null());
+    assert_eq!(s["config"]["tpo_eta"], 0.5);
+    assert_eq!(s["config"]["methods"], serde_json::json!(["tpo_step", "grpo"]));
+    assert!(d.join("control_target.png").exists() && d.join("control_target.svg").exists());
+    // Without a TPO method there is no target figure.
+    let d2 = tmp("methods2");
+    let o2 = d2.to_str().unwrap();
+    let (code, _, stderr) = tpo(&[
+        "reproduce",
+        "control",
+        "--seeds",
+        "1",
+        "--steps",
+        "1",
+        "--epochs",
+        "1",
+        "--methods",
+        "ppo",
+        "--out",
+        o2,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(d2.join("control_returns.png").exists() && !d2.join("control_target.png").exists());
     let _ = std::fs::remove_dir_all(&d);
     let _ = std::fs::remove_dir_all(&d2);
 }

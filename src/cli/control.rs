@@ -4,7 +4,8 @@
 //! Writes into `--out` (default `results/control`): `summary.json` (per epoch setting and method:
 //! final return, steps to 475, collapse fraction, update KL and gradient norms), `control.json`
 //! (the configuration, mean ± s.e. curves and every seed's curves) and the figures
-//! `control_returns.{png,svg}` and `control_stability.{png,svg}`.
+//! `control_returns.{png,svg}`, `control_stability.{png,svg}` and, when a TPO method ran,
+//! `control_target.{png,svg}` (the first epoch's target against its anchor).
 
 use super::output::{self, Policy, Scratch};
 use super::plot::{register_font, seeds_text, step_ticks, LogAxis};
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tpo::experiments::control::{
     collapsed, final_return, first_reaching, mean_se, run_all, ControlConfig, ControlMethod, RunCurves,
-    METHODS,
+    TargetStats, ALL_METHODS, METHODS,
 };
 
 /// The epoch settings swept when `--epochs` is not given.
@@ -27,13 +28,15 @@ pub const EPOCH_SWEEP: [usize; 3] = [1, 4, 16];
 pub const DEFAULT_ITERATIONS: usize = 60;
 
 /// The files a run writes.
-const FILES: [&str; 6] = [
+const FILES: [&str; 8] = [
     "summary.json",
     "control.json",
     "control_returns.png",
     "control_returns.svg",
     "control_stability.png",
     "control_stability.svg",
+    "control_target.png",
+    "control_target.svg",
 ];
 
 /// Runs the experiment with the arguments of `tpo reproduce control`.
@@ -47,6 +50,12 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         return Err("--seeds, --steps, --epochs and --threads must be at least 1".into());
     }
     let epochs: Vec<usize> = a.epochs.map_or(EPOCH_SWEEP.to_vec(), |e| vec![e]);
+    let methods = methods(a.methods.as_deref())?;
+    if let Some(eta) = a.tpo_eta {
+        if !(eta.is_finite() && eta > 0.0) {
+            return Err(format!("--tpo-eta must be finite and > 0, got {eta}"));
+        }
+    }
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("results/control"));
     let policy = Policy::new(a.force, &[]);
     if out.exists() && !out.is_dir() {
@@ -65,22 +74,23 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot create the folder {}: {}", out.display(), io_text(&e)))?;
 
     let cfg = ControlConfig { seeds, iterations, ..ControlConfig::default() };
+    let cfg = ControlConfig { tpo_eta: a.tpo_eta.unwrap_or(cfg.tpo_eta), ..cfg };
     let t0 = Instant::now();
-    let total = epochs.len() * METHODS.len() * seeds;
+    let total = epochs.len() * methods.len() * seeds;
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("control [{bar:40}] {pos}/{len} runs ({elapsed}, eta {eta})")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let runs = run_all(&cfg, &METHODS, &epochs, threads, &|| bar.inc(1))?;
+    let runs = run_all(&cfg, &methods, &epochs, threads, &|| bar.inc(1))?;
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
 
     let stats: Vec<(usize, Vec<MethodStats>)> = epochs
         .iter()
         .map(|&e| {
-            let ms = METHODS
+            let ms = methods
                 .iter()
                 .map(|&m| {
                     let rs: Vec<&RunCurves> =
@@ -113,7 +123,8 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         "final_window": cfg.final_window,
         "threads": threads,
         "seconds": secs,
-        "mapping": METHODS.iter().map(|m| (m.key().to_string(), Value::String(m.mapping().into()))).collect::<Map<_, _>>(),
+        "methods": methods.iter().map(|m| m.key()).collect::<Vec<_>>(),
+        "mapping": methods.iter().map(|m| (m.key().to_string(), Value::String(m.mapping().into()))).collect::<Map<_, _>>(),
         "l_old": "log-probs of the first epoch's forward pass (the rollout weights), frozen for every epoch of the batch",
     });
     write_summary(&out, &policy, &cfg, &config, &stats)?;
@@ -128,19 +139,44 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     );
     draw(&out, "control_returns", &policy, Fig::Returns, &title, &cfg, &stats)?;
     draw(&out, "control_stability", &policy, Fig::Stability, &title, &cfg, &stats)?;
+    let tpo_ran = methods.iter().any(|m| m.is_tpo());
+    if tpo_ran {
+        draw(&out, "control_target", &policy, Fig::Target, &title, &cfg, &stats)?;
+    }
 
     table(&cfg, &stats);
     println!(
         "{}, {} iterations × {} episodes, {} threads, {:.1} s; wrote {}/{{summary,control}}.json, \
-         control_{{returns,stability}}.{{png,svg}}",
+         control_{{{}}}.{{png,svg}}",
         seeds_text(cfg.seeds),
         cfg.iterations,
         episodes,
         threads,
         secs,
-        out.display()
+        out.display(),
+        if tpo_ran { "returns,stability,target" } else { "returns,stability" }
     );
     Ok(())
+}
+
+/// The methods of `--methods` (keys, in the order given), or [`METHODS`] without it.
+fn methods(keys: Option<&[String]>) -> Result<Vec<ControlMethod>, String> {
+    let Some(keys) = keys else { return Ok(METHODS.to_vec()) };
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        let m = ControlMethod::from_key(k.trim()).ok_or_else(|| {
+            let all: Vec<&str> = ALL_METHODS.iter().map(|m| m.key()).collect();
+            format!("--methods: unknown method '{k}' (expected some of {})", all.join(", "))
+        })?;
+        if out.contains(&m) {
+            return Err(format!("--methods: '{k}' is given twice"));
+        }
+        out.push(m);
+    }
+    if out.is_empty() {
+        return Err("--methods: give at least one method".into());
+    }
+    Ok(out)
 }
 
 /// One method's results at one epoch setting.
@@ -164,6 +200,16 @@ struct MethodStats {
     kl_max_state: f64,
     grad_mean: f64,
     grad_max: f64,
+    /// TPO methods: mean over seeds, per iteration, of each [`TargetStats`] field (in the order
+    /// of [`TARGET_FIELDS`]).
+    target: Option<Vec<Vec<f64>>>,
+}
+
+/// The [`TargetStats`] fields as named in the JSON.
+const TARGET_FIELDS: [&str; 5] = ["kl_q_pold", "max_pold", "max_q", "tv_pold_q", "pold_z"];
+
+fn target_fields(t: &TargetStats) -> [f64; 5] {
+    [t.kl_q_pold, t.max_pold, t.max_q, t.tv, t.pold_z]
 }
 
 fn columns(rs: &[&RunCurves], f: impl Fn(&RunCurves, usize) -> f64) -> (Vec<f64>, Option<Vec<f64>>) {
@@ -197,7 +243,20 @@ impl MethodStats {
         let gs = all(&|r| r.updates.iter().map(|u| u.grad_norm_mean).collect());
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         let max = |v: &[f64]| v.iter().copied().fold(0.0f64, f64::max);
+        let target = if rs.iter().all(|r| r.updates.iter().all(|u| u.target.is_some())) && method.is_tpo() {
+            Some(
+                (0..TARGET_FIELDS.len())
+                    .map(|f| {
+                        columns(rs, |r, i| r.updates[i].target.as_ref().map_or(0.0, |t| target_fields(t)[f]))
+                            .0
+                    })
+                    .collect(),
+            )
+        } else {
+            None
+        };
         Self {
+            target,
             method,
             epochs,
             iter_to_threshold: first_reaching(&ret.0, cfg.threshold),
@@ -237,6 +296,14 @@ impl MethodStats {
             "update_kl_max_over_states": self.kl_max_state,
             "grad_norm_mean": self.grad_mean,
             "grad_norm_max": self.grad_max,
+            "target": self.target.as_ref().map(|t| {
+                let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+                let n = t[0].len();
+                let w = 10.min(n);
+                TARGET_FIELDS.iter().zip(t).map(|(k, v)| {
+                    (k.to_string(), json!({"mean": mean(v), "first_batch": v[0], "last_10_batches": mean(&v[n - w..])}))
+                }).collect::<Map<_, _>>()
+            }),
         })
     }
 }
@@ -277,6 +344,7 @@ fn write_summary(
             "update_kl_max_over_states": "the largest single-state KL of any update",
             "grad_norm_mean": "global L2 norm of the loss gradient per Adam step, averaged over epochs, batches and seeds",
             "grad_norm_max": "its largest value at any Adam step",
+            "target": "TPO methods only (null otherwise): the target q of each batch's first epoch against its anchor p_old = softmax(l_old), per group then averaged over the batch's groups and over seeds; `mean` over all batches, `first_batch`, `last_10_batches`. kl_q_pold = KL(q || p_old); max_pold = max_i p_old_i; max_q = max_i q_i; tv_pold_q = (1/2) sum_i |p_old_i - q_i| (the first epoch's gradient p - q, as a total variation); pold_z = sum_i p_old_i z_i (the anchor's expected z-scored return: negative when it favours the group's low-return members)",
         },
         "config": config,
     });
@@ -303,6 +371,9 @@ fn write_curves(
                         "env_steps_mean": m.env_steps,
                         "update_kl_mean": m.kl.0, "update_kl_se": m.kl.1,
                         "grad_norm_mean": m.grad.0, "grad_norm_se": m.grad.1,
+                        "target_mean": m.target.as_ref().map(|t| {
+                            TARGET_FIELDS.iter().zip(t).map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>()
+                        }),
                     }),
                 )
             })
@@ -342,7 +413,7 @@ fn table(cfg: &ControlConfig, stats: &[(usize, Vec<MethodStats>)]) {
             cfg.threshold
         );
         println!(
-            "{:<10}{:>16}{:>16}{:>10}{:>12}{:>11}{:>11}{:>11}{:>11}",
+            "{:<14}{:>16}{:>16}{:>10}{:>12}{:>11}{:>11}{:>11}{:>11}",
             "method",
             "final",
             "steps to 475",
@@ -356,7 +427,7 @@ fn table(cfg: &ControlConfig, stats: &[(usize, Vec<MethodStats>)]) {
         for m in ms {
             let steps = m.steps_to_threshold().map_or("never".to_string(), |s| s.to_string());
             println!(
-                "{:<10}{:>16}{:>16}{:>10}{:>12}{:>11.2e}{:>11.2e}{:>11.2e}{:>11.2e}",
+                "{:<14}{:>16}{:>16}{:>10}{:>12}{:>11.2e}{:>11.2e}{:>11.2e}{:>11.2e}",
                 m.method.label(),
                 format!("{:.1}{}", m.final_.0, se(m.final_.1)),
                 steps,
@@ -382,6 +453,9 @@ fn color(m: ControlMethod) -> RGBColor {
         ControlMethod::Grpo => RGBColor(44, 160, 44),
         ControlMethod::Dg => RGBColor(214, 39, 40),
         ControlMethod::Tpo => RGBColor(148, 103, 189),
+        ControlMethod::TpoMean => RGBColor(140, 86, 75),
+        ControlMethod::TpoNoAnchor => RGBColor(188, 189, 34),
+        ControlMethod::TpoStep => RGBColor(23, 190, 207),
     }
 }
 
@@ -392,11 +466,13 @@ fn io_text(e: &std::io::Error) -> String {
 
 type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
-/// The two figures.
+/// The figures.
 #[derive(Clone, Copy)]
 enum Fig {
     Returns,
     Stability,
+    /// The TPO methods' target against its anchor (drawn when a TPO method ran).
+    Target,
 }
 
 /// Draws `out/stem.{png,svg}` through a scratch folder and [`output::write`].
@@ -459,6 +535,11 @@ fn paint<DB: DrawingBackend>(
         cfg.starts,
         cfg.group
     );
+    let band = if matches!(fig, Fig::Target) {
+        format!("Lines: mean over {} (no bands).", seeds_text(cfg.seeds))
+    } else {
+        band
+    };
     let mut lines = vec![band, batch];
     match fig {
         Fig::Returns => {
@@ -471,6 +552,28 @@ fn paint<DB: DrawingBackend>(
             let panels = body.split_evenly((1, stats.len()));
             for (k, (e, ms)) in stats.iter().enumerate() {
                 returns_panel(&panels[k], *e, ms, cfg, k == 0)?;
+            }
+            footer_text(&footer, &lines)
+        }
+        Fig::Target => {
+            lines.push(
+                "TPO methods: the target q and its anchor p_old = softmax(l_old) of each batch, per group, averaged over its groups."
+                    .to_string(),
+            );
+            lines.push(
+                "Top: ½ Σ_i |p_old,i − q_i| (total variation; the size of the first epoch's gradient p_old − q)."
+                    .to_string(),
+            );
+            lines.push(
+                "Bottom: Σ_i p_old,i z_i, the anchor's expected z-scored return (< 0: the anchor favours the group's low returns)."
+                    .to_string(),
+            );
+            let (_, h) = root.dim_in_pixel();
+            let (body, footer) = root.split_vertically(h.saturating_sub(12 + 20 * lines.len() as u32));
+            let panels = body.split_evenly((2, stats.len()));
+            for (k, (e, ms)) in stats.iter().enumerate() {
+                target_panel(&panels[k], *e, ms, cfg, 3, "TV(p_old, q)", k == 0)?;
+                target_panel(&panels[stats.len() + k], *e, ms, cfg, 4, "E_p_old[z(R)]", false)?;
             }
             footer_text(&footer, &lines)
         }
@@ -622,6 +725,67 @@ fn returns_panel<DB: DrawingBackend>(
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
             .label_font(("sans-serif", 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    Ok(())
+}
+
+/// One [`TargetStats`] field (index `field` of [`TARGET_FIELDS`]) per batch for the TPO methods,
+/// on a linear axis that holds every value (and 0).
+fn target_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    epochs: usize,
+    ms: &[MethodStats],
+    cfg: &ControlConfig,
+    field: usize,
+    y_label: &str,
+    legend: bool,
+) -> DrawResult<DB> {
+    let n = cfg.iterations as f64;
+    let (mut lo, mut hi) = (0.0f64, 0.0f64);
+    for v in ms.iter().filter_map(|m| m.target.as_ref()).flat_map(|t| t[field].iter()) {
+        lo = lo.min(*v);
+        hi = hi.max(*v);
+    }
+    let pad = 0.05 * (hi - lo).max(1e-3);
+    let mut chart = ChartBuilder::on(area)
+        .caption(epochs_caption(epochs), ("sans-serif", 18))
+        .margin(10)
+        .margin_right(24)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..n, lo - pad..hi + pad)?;
+    chart
+        .configure_mesh()
+        .x_desc("rollout batch")
+        .y_desc(y_label)
+        .x_labels(10)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        // No "-0.00": a label that rounds to zero is "0.00".
+        .y_label_formatter(&|v| format!("{:.2}", if v.abs() < 0.005 { 0.0 } else { *v }))
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()?;
+    chart.draw_series(LineSeries::new([(0.0, 0.0), (n, 0.0)], BLACK.stroke_width(1)))?;
+    let xs: Vec<f64> = (1..=cfg.iterations).map(|i| i as f64).collect();
+    for m in ms {
+        let Some(t) = &m.target else { continue };
+        let c = color(m.method);
+        chart
+            .draw_series(LineSeries::new(
+                xs.iter().copied().zip(t[field].iter().copied()),
+                c.stroke_width(2),
+            ))?
+            .label(m.method.label())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
+    }
+    if legend {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 14))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()?;

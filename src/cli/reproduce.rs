@@ -44,6 +44,13 @@ pub struct ReproduceArgs {
     /// control only: gradient epochs per rollout batch, >= 1 (default: the sweep 1, 4 and 16).
     #[arg(long, value_parser = super::count, allow_hyphen_values = true)]
     pub epochs: Option<usize>,
+    /// control only: the methods to run, comma-separated keys (default: reinforce, ppo, grpo,
+    /// dg, tpo, tpo_mean; also tpo_noanchor and tpo_step).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Option<Vec<String>>,
+    /// control only: the TPO methods' target temperature eta, > 0 (default 1).
+    #[arg(long, value_parser = super::number, allow_hyphen_values = true)]
+    pub tpo_eta: Option<f64>,
     /// Backend for TPO's target and fit.
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
@@ -89,6 +96,12 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     }
     if a.experiment != Experiment::Control && a.epochs.is_some() {
         return Err("--epochs applies to `tpo reproduce control` only".into());
+    }
+    if a.experiment != Experiment::Control && a.methods.is_some() {
+        return Err("--methods applies to `tpo reproduce control` only".into());
+    }
+    if a.experiment != Experiment::Control && a.tpo_eta.is_some() {
+        return Err("--tpo-eta applies to `tpo reproduce control` only".into());
     }
     if a.experiment == Experiment::Control {
         return super::control::run(a);

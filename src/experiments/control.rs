@@ -38,6 +38,18 @@
 //!   paper's sequence-level TPO ("K rollouts from one start state form a group; scores =
 //!   returns"). `q` depends only on the frozen `l_old` and the returns, so every epoch fits the
 //!   same target.
+//! * `tpo_mean`: [`Method::tpo`] on length-normalised sequence log-probs
+//!   `l_i = (1/n_i) sum_t log pi(a_t | s_t)` (what the token API calls `SeqReduce::Mean`), same
+//!   groups and target. With sums, `p_old = softmax(l_old)` over episodes of 10-500 steps puts
+//!   most of its mass on one episode, usually a short, low-return one (a short episode is a
+//!   product of fewer step probabilities), and `z(R) / eta` moves log-weights by a few nats only,
+//!   so `q` stays near `p_old` ([`TargetStats`] measures this); per-step means are comparable
+//!   across lengths.
+//! * `tpo_noanchor`: [`Method::Tpo`] with [`Anchor::NoAnchor`] on the sequence log-probs:
+//!   `q = softmax(z(R) / eta)`, the paper's no-anchor ablation.
+//! * `tpo_step`: [`Method::tpo`] on the per-step log-probs with GRPO's groups (every step of a
+//!   start state's episodes, scored by its episode's return, z-scored over the group's steps):
+//!   the analogue of the paper's TPO_token.
 //! * `ppo`: [`Method::ppo_clip`] (`eps = 0.2`) on the per-step log-probs `log pi(a_t | s_t)`,
 //!   one group holding every step of the batch (the loss is the mean over the batch's steps, as
 //!   in PPO implementations). There is no critic (the issue's policy is the MLP alone): a step's
@@ -58,7 +70,8 @@
 //! Per iteration: the mean return of its `starts * group` episodes (the return curve), the
 //! environment steps so far, `KL(pi_new || pi_old)` of the iteration's update averaged over the
 //! batch's states (with its maximum over states), and the global gradient norm of each Adam step
-//! (mean and maximum over the iteration's epochs). See [`first_reaching`], [`collapsed`] and
+//! (mean and maximum over the iteration's epochs); for the TPO methods, the first epoch's target
+//! against its anchor ([`TargetStats`]). See [`first_reaching`], [`collapsed`] and
 //! [`final_return`] for the summary measures.
 //!
 //! Everything is deterministic: a run depends only on its configuration, method, epochs and
@@ -69,7 +82,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::candle::{policy_loss, Method};
-use crate::config::FitConfig;
+use crate::config::{Anchor, FitConfig, TargetConfig};
 use crate::error::TpoError;
 use crate::experiments::cartpole::CartPole;
 use crate::experiments::rng::Rng;
@@ -95,21 +108,44 @@ pub enum ControlMethod {
     Grpo,
     /// DG on sequence log-probs.
     Dg,
-    /// TPO on sequence log-probs.
+    /// TPO on sequence log-probs (the issue's sequence-level TPO).
     Tpo,
+    /// TPO on length-normalised sequence log-probs `l_i = (1/n_i) sum_t log pi(a_t | s_t)` (the
+    /// mean the token API calls `SeqReduce::Mean`).
+    TpoMean,
+    /// TPO on sequence log-probs with the no-anchor target `q = softmax(z(R) / eta)`
+    /// ([`Anchor::NoAnchor`]).
+    TpoNoAnchor,
+    /// TPO on per-step log-probs, GRPO's grouping: a group is every step of the episodes from one
+    /// start state, each scored by its episode's return (the analogue of the paper's TPO_token).
+    TpoStep,
 }
 
-/// Every method, in the order of the tables and figures.
-pub const METHODS: [ControlMethod; 5] = [
+/// The methods a default run compares, in the order of the tables and figures.
+pub const METHODS: [ControlMethod; 6] = [
     ControlMethod::Reinforce,
     ControlMethod::Ppo,
     ControlMethod::Grpo,
     ControlMethod::Dg,
     ControlMethod::Tpo,
+    ControlMethod::TpoMean,
+];
+
+/// Every method `--methods` accepts, in the order of the tables and figures.
+pub const ALL_METHODS: [ControlMethod; 8] = [
+    ControlMethod::Reinforce,
+    ControlMethod::Ppo,
+    ControlMethod::Grpo,
+    ControlMethod::Dg,
+    ControlMethod::Tpo,
+    ControlMethod::TpoMean,
+    ControlMethod::TpoNoAnchor,
+    ControlMethod::TpoStep,
 ];
 
 impl ControlMethod {
-    /// The key used in the JSON (`reinforce`, `ppo`, `grpo`, `dg`, `tpo`).
+    /// The key used in the JSON and by `--methods` (`reinforce`, `ppo`, `grpo`, `dg`, `tpo`,
+    /// `tpo_mean`, `tpo_noanchor`, `tpo_step`).
     pub fn key(self) -> &'static str {
         match self {
             ControlMethod::Reinforce => "reinforce",
@@ -117,7 +153,15 @@ impl ControlMethod {
             ControlMethod::Grpo => "grpo",
             ControlMethod::Dg => "dg",
             ControlMethod::Tpo => "tpo",
+            ControlMethod::TpoMean => "tpo_mean",
+            ControlMethod::TpoNoAnchor => "tpo_noanchor",
+            ControlMethod::TpoStep => "tpo_step",
         }
+    }
+
+    /// The method with key `key` (see [`ControlMethod::key`]), if any.
+    pub fn from_key(key: &str) -> Option<Self> {
+        ALL_METHODS.into_iter().find(|m| m.key() == key)
     }
 
     /// The name used in tables and figures.
@@ -128,12 +172,23 @@ impl ControlMethod {
             ControlMethod::Grpo => "GRPO",
             ControlMethod::Dg => "DG",
             ControlMethod::Tpo => "TPO",
+            ControlMethod::TpoMean => "TPO-mean",
+            ControlMethod::TpoNoAnchor => "TPO-noanchor",
+            ControlMethod::TpoStep => "TPO-step",
         }
     }
 
     /// Whether the method's members are steps (`true`) or episodes (`false`).
     pub fn per_step(self) -> bool {
-        matches!(self, ControlMethod::Ppo | ControlMethod::Grpo)
+        matches!(self, ControlMethod::Ppo | ControlMethod::Grpo | ControlMethod::TpoStep)
+    }
+
+    /// Whether the method is a TPO variant (its update fits a target `q`).
+    pub fn is_tpo(self) -> bool {
+        matches!(
+            self,
+            ControlMethod::Tpo | ControlMethod::TpoMean | ControlMethod::TpoNoAnchor | ControlMethod::TpoStep
+        )
     }
 
     /// How the method maps onto the ops, in words (for the JSON configuration).
@@ -161,6 +216,20 @@ impl ControlMethod {
                 "Method::tpo(eta) on sequence log-probs: q = softmax(log_softmax(l_old) + z(R)/eta) per group \
                  of episodes from one start state; scores = returns"
             }
+            ControlMethod::TpoMean => {
+                "Method::tpo(eta) on length-normalised sequence log-probs l_i = (1/n_i) sum_t log pi(a_t|s_t) \
+                 (SeqReduce::Mean): q = softmax(log_softmax(l_old) + z(R)/eta) per group of episodes from one \
+                 start state; scores = returns"
+            }
+            ControlMethod::TpoNoAnchor => {
+                "Method::Tpo with Anchor::NoAnchor on sequence log-probs: q = softmax(z(R)/eta) per group of \
+                 episodes from one start state; scores = returns"
+            }
+            ControlMethod::TpoStep => {
+                "Method::tpo(eta) on per-step log-probs: group = every step of the episodes from one start \
+                 state (as GRPO); score of a step = its episode's return; q = softmax(log_softmax(l_old) + \
+                 z(R)/eta) over the group's steps (z over the steps, so each episode weighs by its length)"
+            }
         }
     }
 
@@ -171,7 +240,10 @@ impl ControlMethod {
             ControlMethod::Ppo => Method::ppo_clip(cfg.clip),
             ControlMethod::Grpo => Method::grpo(cfg.clip, cfg.beta),
             ControlMethod::Dg => Method::dg(cfg.dg_eta),
-            ControlMethod::Tpo => Method::tpo(cfg.tpo_eta),
+            ControlMethod::Tpo | ControlMethod::TpoMean | ControlMethod::TpoStep => Method::tpo(cfg.tpo_eta),
+            ControlMethod::TpoNoAnchor => {
+                Method::Tpo(TargetConfig { anchor: Anchor::NoAnchor, ..TargetConfig::with_eta(cfg.tpo_eta) })
+            }
         }
     }
 }
@@ -231,7 +303,9 @@ impl Default for ControlConfig {
 }
 
 impl ControlConfig {
-    fn validate(&self, epochs: usize) -> Result<()> {
+    /// Checks the configuration for runs of `epochs` epochs: counts >= 1, `lr` finite and > 0,
+    /// `tpo_eta` and `dg_eta` finite and > 0; errors are one line.
+    pub fn validate(&self, epochs: usize) -> Result<()> {
         for (name, v) in [
             ("seeds", self.seeds),
             ("iterations", self.iterations),
@@ -249,6 +323,11 @@ impl ControlConfig {
             return Err(
                 TpoError::BadConfig { name: "lr", requirement: "finite and > 0", got: self.lr }.to_string()
             );
+        }
+        for (name, v) in [("tpo_eta", self.tpo_eta), ("dg_eta", self.dg_eta)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(TpoError::BadConfig { name, requirement: "finite and > 0", got: v }.to_string());
+            }
         }
         Ok(())
     }
@@ -501,12 +580,14 @@ pub fn gradient(
         let l = if method.per_step() {
             per_step
         } else {
-            // l_i = sum of episode i's per-step log-probs: a 0/1 segment matrix [episodes, T].
+            // l_i = sum of episode i's per-step log-probs (a 0/1 segment matrix [episodes, T]),
+            // or their mean for TPO-mean (entries 1/n_i).
             let m = batch.lengths.len();
             let mut seg = vec![0f32; m * t];
             let mut start = 0;
             for (i, &n) in batch.lengths.iter().enumerate() {
-                seg[i * t + start..i * t + start + n].iter_mut().for_each(|v| *v = 1.0);
+                let w = if method == ControlMethod::TpoMean { 1.0 / n as f32 } else { 1.0 };
+                seg[i * t + start..i * t + start + n].iter_mut().for_each(|v| *v = w);
                 start += n;
             }
             Tensor::from_vec(seg, (m, t), &dev)?.matmul(&per_step.unsqueeze(1)?)?.squeeze(1)?
@@ -568,9 +649,82 @@ impl Adam {
     }
 }
 
+/// The TPO target of one batch against its anchor, averaged over the batch's groups. With
+/// `p_old = softmax(l_old)`, `q` the method's target and `u = z(R)` the group's z-scored scores
+/// (population deviation; `u = 0` for a zero-variance group), per group:
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TargetStats {
+    /// `KL(q || p_old) = sum_i q_i (ln q_i - ln p_old_i)`: the step the target asks for.
+    pub kl_q_pold: f64,
+    /// `max_i p_old_i`: how concentrated the anchor is.
+    pub max_pold: f64,
+    /// `max_i q_i`.
+    pub max_q: f64,
+    /// `(1/2) sum_i |p_old_i - q_i|` (total variation): on the first epoch, where `p = p_old`,
+    /// the size of the gradient `p - q` with respect to the members' log-probs.
+    pub tv: f64,
+    /// `sum_i p_old_i u_i`: the anchor's expected z-score (negative when the anchor favours
+    /// the group's low-return members).
+    pub pold_z: f64,
+}
+
+/// [`TargetStats`] of `method`'s target for rollout log-probs `logp_old` (one per member of
+/// `method`'s layout on `batch`); `None` for the methods that are not TPO.
+pub fn target_stats(
+    method: ControlMethod,
+    cfg: &ControlConfig,
+    batch: &Batch,
+    logp_old: &[f32],
+) -> Result<Option<TargetStats>> {
+    let Method::Tpo(tc) = method.op(cfg) else { return Ok(None) };
+    let lay = layout(method, batch).map_err(|e| e.to_string())?;
+    let sig = signal(method, batch);
+    let q = crate::cpu::target(logp_old, &sig, &lay, &tc).map_err(|e| e.to_string())?;
+    let mut acc = [0.0f64; 5];
+    for g in 0..lay.num_groups() {
+        let r = lay.range(g);
+        let lo: Vec<f64> = logp_old[r.clone()].iter().map(|&x| x as f64).collect();
+        let m = lo.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + lo.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        let lp: Vec<f64> = lo.iter().map(|x| x - lse).collect();
+        let s = &sig[r.clone()];
+        let k = s.len() as f64;
+        let mean = s.iter().sum::<f64>() / k;
+        let sd = (s.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / k).sqrt();
+        let u: Vec<f64> =
+            s.iter().map(|x| if sd <= tc.zero_std_threshold { 0.0 } else { (x - mean) / sd }).collect();
+        let qg = &q[r];
+        let mut st = [0.0f64; 5];
+        for i in 0..lp.len() {
+            let p = lp[i].exp();
+            if qg[i] > 0.0 {
+                st[0] += qg[i] * (qg[i].ln() - lp[i]);
+            }
+            st[1] = st[1].max(p);
+            st[2] = st[2].max(qg[i]);
+            st[3] += 0.5 * (p - qg[i]).abs();
+            st[4] += p * u[i];
+        }
+        for (a, b) in acc.iter_mut().zip(st) {
+            *a += b;
+        }
+    }
+    let n = lay.num_groups().max(1) as f64;
+    Ok(Some(TargetStats {
+        kl_q_pold: acc[0] / n,
+        max_pold: acc[1] / n,
+        max_q: acc[2] / n,
+        tv: acc[3] / n,
+        pold_z: acc[4] / n,
+    }))
+}
+
 /// What one iteration's update did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct UpdateStats {
+    /// The TPO methods' target against its anchor at the batch's first epoch (`None` for the
+    /// baselines).
+    pub target: Option<TargetStats>,
     /// `KL(pi_new || pi_old)` averaged over the batch's states.
     pub kl_mean: f64,
     /// Its maximum over the batch's states.
@@ -591,6 +745,7 @@ pub fn update(
     epochs: usize,
 ) -> Result<UpdateStats> {
     let mut frozen: Option<Frozen> = None;
+    let mut target = None;
     let (mut gsum, mut gmax) = (0.0f64, 0.0f64);
     for _ in 0..epochs {
         let g = gradient(policy, batch, method, cfg, frozen.as_ref())?;
@@ -602,6 +757,7 @@ pub fn update(
         gmax = gmax.max(norm);
         adam.step(&mut policy.params, &g.grad);
         if frozen.is_none() {
+            target = target_stats(method, cfg, batch, &g.logp)?;
             frozen = Some(Frozen { logp_old: g.logp });
         }
     }
@@ -613,6 +769,7 @@ pub fn update(
         kmax = kmax.max(kl);
     }
     Ok(UpdateStats {
+        target,
         kl_mean: ksum / batch.steps() as f64,
         kl_max: kmax,
         grad_norm_mean: gsum / epochs as f64,
