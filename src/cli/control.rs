@@ -61,7 +61,9 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     if out.exists() && !out.is_dir() {
         return Err(format!("--out {} is not a folder", out.display()));
     }
-    for name in FILES {
+    let tpo_ran = methods.iter().any(|m| m.is_tpo());
+    // control_target is written only when a TPO variant runs.
+    for name in FILES.iter().filter(|n| tpo_ran || !n.starts_with("control_target")) {
         output::check(&out.join(name), &policy)?;
     }
     let threads =
@@ -139,9 +141,19 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     );
     draw(&out, "control_returns", &policy, Fig::Returns, &title, &cfg, &stats)?;
     draw(&out, "control_stability", &policy, Fig::Stability, &title, &cfg, &stats)?;
-    let tpo_ran = methods.iter().any(|m| m.is_tpo());
     if tpo_ran {
         draw(&out, "control_target", &policy, Fig::Target, &title, &cfg, &stats)?;
+    } else {
+        // A figure of an earlier run is the user's: left in place, but said to be stale.
+        for ext in ["png", "svg"] {
+            let old = out.join(format!("control_target.{ext}"));
+            if old.exists() {
+                eprintln!(
+                    "note: {} is from an earlier run (no TPO method ran now, so none was drawn); left in place",
+                    old.display()
+                );
+            }
+        }
     }
 
     table(&cfg, &stats);
