@@ -33,8 +33,9 @@
 //! `candle_cuda.rs` says how; the target and `seq_logp` are then `f32` tensors on the device).
 //! Every other case (a CPU tensor, `f64`, the baselines of [`policy_loss`], a Metal device, or a
 //! build without `candle-cuda`) takes the host path: the same code for every device, through a
-//! host round trip. The CUDA path is built in CI but has run only where a GPU exists; the host
-//! path on a device has not been run on one either (the tests run on the CPU).
+//! host round trip. The CUDA path is type-checked in CI and has not been run yet (no GPU was
+//! available; `examples/candle_link` compares it with the CPU path on one); the host path on a
+//! device has not been run on one either (the tests run on the CPU).
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};

@@ -14,10 +14,10 @@
 //! results (`value`, per-group losses and diagnostics). The target and `seq_logp` stay on the
 //! device, as `f32`.
 //!
-//! Status: built in CI (type-checked beside candle-core's `cuda` feature by
-//! `scripts/check-candle-link.sh`), run only where a GPU exists (`examples/candle_link` compares
-//! it with the CPU path). The library calls it makes are the ones `tests/gpu.rs` runs on the
-//! emulated device.
+//! Status: type-checked in CI beside candle-core's `cuda` feature
+//! (`scripts/check-candle-link.sh`); not run yet, as no GPU was available (`examples/candle_link`
+//! compares it with the CPU path on one). The library calls it makes are the ones `tests/gpu.rs`
+//! runs on the emulated device.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
