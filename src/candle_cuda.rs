@@ -73,8 +73,8 @@ fn cuda_storage<'a>(s: &'a Storage, name: &str) -> Result<&'a CudaStorage> {
 }
 
 /// The elements of a contiguous tensor view as a `CudaSlice` of `T` for the kernels.
-fn window<'a, T: CudaDType + DeviceRepr>(
-    tpo: &CudaTpo,
+fn window<'a, T: CudaDType + DeviceRepr + 'a>(
+    tpo: &'a CudaTpo,
     s: &'a CudaStorage,
     l: &Layout,
     name: &str,
