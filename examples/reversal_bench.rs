@@ -14,6 +14,12 @@ fn main() -> Result<(), String> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // The matrix products' threads, set as `tpo reproduce reversal` sets them for one job (every
+    // core): unset, candle reads /proc/cpuinfo at every matrix product to count the cores.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     let mut args = std::env::args().skip(1);
     let steps: usize = args.next().map_or(Ok(10), |s| s.parse()).map_err(|_| "STEPS: a whole number")?;
     let warmup: usize = args.next().map_or(Ok(2), |s| s.parse()).map_err(|_| "WARMUP: a whole number")?;

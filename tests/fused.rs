@@ -155,6 +155,29 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    #[test]
+    fn add_bias_matches_the_composite(
+        lead in prop::collection::vec(1usize..6, 0..3), trail in prop::collection::vec(1usize..7, 1..3),
+        seed in any::<u64>(),
+    ) {
+        // b [trail..] broadcast over x [lead.., trail..] (lead empty: x and b of one shape).
+        let mut r = Rng::new(seed);
+        let xs: Vec<usize> = lead.iter().chain(&trail).copied().collect();
+        let n: usize = xs.iter().product();
+        let m: usize = trail.iter().product();
+        let x = normals(&mut r, n, 1.0);
+        let b = normals(&mut r, m, 1.0);
+        let w = normals(&mut r, n, 1.0);
+        let f: &Op = &|t: &[Tensor]| fused::add_bias(&t[0], &t[1]);
+        let c: &Op = &|t: &[Tensor]| fused::add_bias_composite(&t[0], &t[1]);
+        let res = compare("add_bias", f, c, vec![(x, xs), (b, trail)], w, &[0.0; 3]);
+        prop_assert!(res.is_ok(), "{}", res.unwrap_err());
+    }
+}
+
 #[test]
 fn attention_with_a_cache_equals_the_rows_of_the_full_attention() -> R<()> {
     // The last 2 queries against all 5 keys give the last 2 rows of the full causal attention.
@@ -212,6 +235,8 @@ fn bad_shapes_are_one_line_errors() -> R<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("do not fit") && one_line(&e), "{e}");
+    let e = fused::add_bias(&z(&[3, 4])?, &z(&[3])?).unwrap_err().to_string();
+    assert!(e.contains("trailing dimensions") && one_line(&e), "{e}");
     let i = Tensor::zeros((2, 3), DType::U32, &Device::Cpu)?;
     let e = fused::log_softmax(&i).unwrap_err().to_string();
     assert!(e.contains("f32 or f64") && one_line(&e), "{e}");

@@ -6,7 +6,10 @@
 //! * [`causal_attention`]: `softmax(scale q k^T + causal mask) v` per head, keys and values of
 //!   earlier positions (a key/value cache) included;
 //! * [`log_softmax`]: `x - log sum exp x` over the last dimension;
-//! * [`gelu`]: the tanh-approximated GELU.
+//! * [`gelu`]: the tanh-approximated GELU;
+//! * [`add_bias`]: `x + b` with `b` broadcast over the leading dimensions of `x` (candle's
+//!   backward of a broadcast add sums the gradient with a strided reduction, a tenth of a PPO
+//!   step).
 //!
 //! Each has its composite candle form beside it (`*_composite`), which the tests compare it with
 //! (values and gradients, `f32` and `f64`). Sums are accumulated in `f64` in a fixed order on one
@@ -15,7 +18,7 @@
 //! composite forms' (which round every intermediate to the dtype). CPU tensors only.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, D,
 };
 
 /// `f32` or `f64`: the dtypes these ops compute in.
@@ -619,5 +622,84 @@ impl CustomOp1 for GeluTanh {
             _ => return Err(float_only(n)),
         };
         Ok(Some(d))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias add.
+
+/// `y = x + b` where `b`'s shape is the trailing dimensions of `x`'s (a bias `[d]` for `x [.., d]`,
+/// position embeddings `[L, d]` for `x [N, L, d]`), as one op. Backward: `dx = dy`,
+/// `db = sum over the leading indices of dy` (row by row, in order).
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (xd, bd) = (x.dims(), b.dims());
+    if bd.len() > xd.len() || xd[xd.len() - bd.len()..] != *bd {
+        candle_core::bail!("add_bias: b {bd:?} must be the trailing dimensions of x {xd:?}");
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
+}
+
+/// The composite candle form of [`add_bias`] (`broadcast_add`).
+pub fn add_bias_composite(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.broadcast_add(b)
+}
+
+struct AddBias;
+
+fn bias_fwd<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(b.len().max(1)) {
+        y.extend(row.iter().zip(b).map(|(&x, &b)| T::of(x.f() + b.f())));
+    }
+    y
+}
+
+fn bias_bwd<T: Real>(dy: &[T], m: usize) -> Vec<T> {
+    let mut db = vec![0.0f64; m];
+    for row in dy.chunks_exact(m.max(1)) {
+        for (a, &g) in db.iter_mut().zip(row) {
+            *a += g.f();
+        }
+    }
+    db.into_iter().map(T::of).collect()
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "fused-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = self.name();
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(bias_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(bias_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?)),
+            _ => return Err(float_only(n)),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = self.name();
+        let vg = View::new(grad)?;
+        let m = b.elem_count();
+        let db = match b.dtype() {
+            DType::F32 => to_tensor(vg.with::<f32, _>(n, |g| Ok(bias_bwd(g, m)))?, b.shape())?,
+            DType::F64 => to_tensor(vg.with::<f64, _>(n, |g| Ok(bias_bwd(g, m)))?, b.shape())?,
+            _ => return Err(float_only(n)),
+        };
+        Ok((Some(grad.clone()), Some(db)))
     }
 }

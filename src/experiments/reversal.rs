@@ -379,7 +379,7 @@ impl Model {
             candle_core::bail!("a forward from position {start} needs the cached positions before it");
         }
         let x = self.tok.as_tensor().index_select(&tokens.flatten_all()?, 0)?.reshape((n, l, d))?;
-        let mut x = x.broadcast_add(&self.pos.as_tensor().narrow(0, start, l)?)?;
+        let mut x = fused::add_bias(&x, &self.pos.as_tensor().narrow(0, start, l)?)?;
         let scale = 1.0 / (dh as f64).sqrt();
         let mut cache = Vec::with_capacity(self.blocks.len());
         for (i, b) in self.blocks.iter().enumerate() {
@@ -471,7 +471,7 @@ impl Init {
 
 /// `x W + b` for `x [M, in]`.
 fn linear(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
-    x.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())
+    fused::add_bias(&x.matmul(w.as_tensor())?, b.as_tensor())
 }
 
 /// LayerNorm over the last dimension with scale and offset ([`fused::layer_norm`]).
