@@ -176,6 +176,22 @@ proptest! {
         let res = compare("add_bias", f, c, vec![(x, xs), (b, trail)], w, &[0.0; 3]);
         prop_assert!(res.is_ok(), "{}", res.unwrap_err());
     }
+
+    #[test]
+    fn bias_gelu_matches_the_composite(
+        rows in 1usize..12, d in 1usize..30, seed in any::<u64>(),
+        mag in prop::sample::select(vec![1e-4, 0.01, 1.0, 10.0]),
+    ) {
+        // Magnitudes around the 1e-3 threshold of the backward's two ways to get sigma(2u).
+        let mut r = Rng::new(seed);
+        let x = normals(&mut r, rows * d, mag);
+        let b = normals(&mut r, d, mag);
+        let w = normals(&mut r, rows * d, 1.0);
+        let f: &Op = &|t: &[Tensor]| fused::bias_gelu(&t[0], &t[1]);
+        let c: &Op = &|t: &[Tensor]| fused::bias_gelu_composite(&t[0], &t[1]);
+        let res = compare("bias_gelu", f, c, vec![(x, vec![rows, d]), (b, vec![d])], w, &[mag, 1.0, 1.0]);
+        prop_assert!(res.is_ok(), "{}", res.unwrap_err());
+    }
 }
 
 #[test]
@@ -237,6 +253,8 @@ fn bad_shapes_are_one_line_errors() -> R<()> {
     assert!(e.contains("do not fit") && one_line(&e), "{e}");
     let e = fused::add_bias(&z(&[3, 4])?, &z(&[3])?).unwrap_err().to_string();
     assert!(e.contains("trailing dimensions") && one_line(&e), "{e}");
+    let e = fused::bias_gelu(&z(&[3, 4])?, &z(&[3])?).unwrap_err().to_string();
+    assert!(e.contains("must be [4]") && one_line(&e), "{e}");
     let i = Tensor::zeros((2, 3), DType::U32, &Device::Cpu)?;
     let e = fused::log_softmax(&i).unwrap_err().to_string();
     assert!(e.contains("f32 or f64") && one_line(&e), "{e}");

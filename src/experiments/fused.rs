@@ -6,7 +6,7 @@
 //! * [`causal_attention`]: `softmax(scale q k^T + causal mask) v` per head, keys and values of
 //!   earlier positions (a key/value cache) included;
 //! * [`log_softmax`]: `x - log sum exp x` over the last dimension;
-//! * [`gelu`]: the tanh-approximated GELU;
+//! * [`gelu`]: the tanh-approximated GELU, and [`bias_gelu`]: `gelu(x + b)`;
 //! * [`add_bias`]: `x + b` with `b` broadcast over the leading dimensions of `x` (candle's
 //!   backward of a broadcast add sums the gradient with a strided reduction, a tenth of a PPO
 //!   step).
@@ -701,5 +701,106 @@ impl CustomOp2 for AddBias {
             _ => return Err(float_only(n)),
         };
         Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias add and GELU.
+
+/// `y = gelu(x + b)` ([`gelu`]) for `x [.., d]` and a bias `b [d]`, as one op. Backward, with
+/// `z = x + b`: `dx = dy gelu'(z)`, `db = sum over the rows of dx`. The backward reads
+/// `sigma(2u)` back from the output as `y / z` (no `exp`) where `z <= -1e-3` or
+/// `1e-3 <= z <= 2` (and `y != 0`), and recomputes it elsewhere.
+pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if b.dims() != [d] {
+        candle_core::bail!("bias_gelu: b {:?} must be [{d}], the last dimension of x", b.dims());
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, BiasGelu)
+}
+
+/// The composite candle form of [`bias_gelu`]: [`gelu_composite`] of `broadcast_add`.
+pub fn bias_gelu_composite(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    gelu_composite(&x.broadcast_add(b)?)
+}
+
+struct BiasGelu;
+
+fn bias_gelu_fwd<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(b.len().max(1)) {
+        y.extend(row.iter().zip(b).map(|(&x, &b)| T::of(gelu_f(x.f() + b.f()))));
+    }
+    y
+}
+
+/// `(dx, db)`.
+fn bias_gelu_bwd<T: Real>(x: &[T], b: &[T], y: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    let d = b.len().max(1);
+    let mut dx = Vec::with_capacity(x.len());
+    let mut db = vec![0.0f64; b.len()];
+    for ((xr, yr), gr) in x.chunks_exact(d).zip(y.chunks_exact(d)).zip(dy.chunks_exact(d)) {
+        for j in 0..d {
+            let z = xr[j].f() + b[j].f();
+            let yj = yr[j].f();
+            // y / z carries y's rounding into 1 - s, which the derivative multiplies by ~z^3:
+            // read back for z <= 2 only (and away from 0, where z and y lose digits).
+            let s = if (z <= -1e-3 || (1e-3..=2.0).contains(&z)) && yj != 0.0 { yj / z } else { gelu_sig(z) };
+            let g = gr[j].f() * (s + 2.0 * z * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * GELU_A * z * z));
+            db[j] += g;
+            dx.push(T::of(g));
+        }
+    }
+    (dx, db.into_iter().map(T::of).collect())
+}
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "fused-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = self.name();
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(bias_gelu_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(bias_gelu_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?)),
+            _ => return Err(float_only(n)),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = self.name();
+        let w = [View::new(x)?, View::new(b)?, View::new(res)?, View::new(grad)?];
+        fn go<T: Real>(
+            n: &str,
+            w: &[View; 4],
+            xs: &Shape,
+            bs: &Shape,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let (dx, db) = w[0].with::<T, _>(n, |x| {
+                w[1].with::<T, _>(n, |b| {
+                    w[2].with::<T, _>(n, |y| w[3].with::<T, _>(n, |g| Ok(bias_gelu_bwd(x, b, y, g))))
+                })
+            })?;
+            Ok((Some(to_tensor(dx, xs)?), Some(to_tensor(db, bs)?)))
+        }
+        match x.dtype() {
+            DType::F32 => go::<f32>(n, &w, x.shape(), b.shape()),
+            DType::F64 => go::<f64>(n, &w, x.shape(), b.shape()),
+            _ => Err(float_only(n)),
+        }
     }
 }

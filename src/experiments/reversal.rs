@@ -404,7 +404,7 @@ impl Model {
             let o = fused::causal_attention(&q, &k, &v, scale)?.reshape((n * l, d))?;
             x = (x + linear(&o, &b.wo, &b.bo)?.reshape((n, l, d))?)?;
             let y = layer_norm(&x, &b.ln2)?.reshape((n * l, d))?;
-            let y = linear(&gelu(&linear(&y, &b.w1, &b.b1)?)?, &b.w2, &b.b2)?;
+            let y = linear(&fused::bias_gelu(&y.matmul(b.w1.as_tensor())?, b.b1.as_tensor())?, &b.w2, &b.b2)?;
             x = (x + y.reshape((n, l, d))?)?;
             cache.push((k, v));
         }
