@@ -6,6 +6,11 @@
 //! V = 2: tpo_token, grpo_token, ppo, dg) and the terminal task (H = 7, V = 2: tpo, grpo).
 
 use std::time::Instant;
+
+/// The `tpo` binary's allocator (src/main.rs): candle allocates a fresh buffer per tensor op, and
+/// glibc's malloc hands large ones back to the kernel at every free.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tpo::experiments::reversal::{Method, ReversalConfig, Reward, Trainer};
 
 fn main() -> Result<(), String> {
