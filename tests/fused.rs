@@ -182,7 +182,6 @@ proptest! {
         rows in 1usize..12, d in 1usize..30, seed in any::<u64>(),
         mag in prop::sample::select(vec![1e-4, 0.01, 1.0, 10.0]),
     ) {
-        // Magnitudes around the 1e-3 threshold of the backward's two ways to get sigma(2u).
         let mut r = Rng::new(seed);
         let x = normals(&mut r, rows * d, mag);
         let b = normals(&mut r, d, mag);

@@ -17,6 +17,8 @@
 //! bits run to run and for any thread count; they are close to, not bit-identical with, the
 //! composite forms' (which round every intermediate to the dtype). CPU tensors only.
 
+use std::sync::OnceLock;
+
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, D,
 };
@@ -100,7 +102,11 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     if !(eps.is_finite() && eps >= 0.0) {
         candle_core::bail!("layer_norm: eps must be finite and >= 0, got {eps}");
     }
-    x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNorm { eps })
+    x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        LayerNorm { eps, saved: OnceLock::new() },
+    )
 }
 
 /// The composite candle form of [`layer_norm`] (mean, centre, variance, divide, scale, shift).
@@ -114,6 +120,14 @@ pub fn layer_norm_composite(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64)
 
 struct LayerNorm {
     eps: f64,
+    /// The forward's normalised input and scales, for the backward.
+    saved: OnceLock<LnSaved>,
+}
+
+/// `xh = (x - mu) r` per element and `r = 1/sqrt(var + eps)` per row, in `f64`.
+struct LnSaved {
+    xh: Vec<f64>,
+    r: Vec<f64>,
 }
 
 /// Per row: mean and `1/sqrt(var + eps)`.
@@ -124,31 +138,34 @@ fn row_stats<T: Real>(row: &[T], eps: f64) -> (f64, f64) {
     (mu, 1.0 / (var + eps).sqrt())
 }
 
-fn ln_fwd<T: Real>(x: &[T], g: &[T], b: &[T], eps: f64) -> Vec<T> {
+/// The output and the forward's `xh` and per-row `r` ([`LnSaved`]).
+fn ln_fwd<T: Real>(x: &[T], g: &[T], b: &[T], eps: f64) -> (Vec<T>, LnSaved) {
     let d = g.len();
     let mut y = Vec::with_capacity(x.len());
+    let mut xh = Vec::with_capacity(x.len());
+    let mut r = Vec::with_capacity(x.len() / d.max(1));
     for row in x.chunks_exact(d) {
-        let (mu, r) = row_stats(row, eps);
-        y.extend(
-            row.iter().zip(g.iter().zip(b)).map(|(&v, (&g, &b))| T::of(g.f() * (v.f() - mu) * r + b.f())),
-        );
+        let (mu, rr) = row_stats(row, eps);
+        for ((&v, &g), &b) in row.iter().zip(g).zip(b) {
+            let h = (v.f() - mu) * rr;
+            xh.push(h);
+            y.push(T::of(g.f() * h + b.f()));
+        }
+        r.push(rr);
     }
-    y
+    (y, LnSaved { xh, r })
 }
 
-/// `(dx, dgamma, dbeta)`.
-fn ln_bwd<T: Real>(x: &[T], g: &[T], dy: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+/// `(dx, dgamma, dbeta)` from the forward's [`LnSaved`].
+fn ln_bwd<T: Real>(saved: &LnSaved, g: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let d = g.len();
-    let mut dx = Vec::with_capacity(x.len());
+    let mut dx = Vec::with_capacity(dy.len());
     let mut dg = vec![0.0f64; d];
     let mut db = vec![0.0f64; d];
-    let mut xh = vec![0.0f64; d];
     let mut u = vec![0.0f64; d];
-    for (row, dyr) in x.chunks_exact(d).zip(dy.chunks_exact(d)) {
-        let (mu, r) = row_stats(row, eps);
+    for ((xh, dyr), &r) in saved.xh.chunks_exact(d).zip(dy.chunks_exact(d)).zip(&saved.r) {
         let (mut su, mut sux) = (0.0, 0.0);
         for j in 0..d {
-            xh[j] = (row[j].f() - mu) * r;
             let dyj = dyr[j].f();
             u[j] = g[j].f() * dyj;
             su += u[j];
@@ -177,15 +194,18 @@ impl CustomOp3 for LayerNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = self.name();
-        let out = match s1 {
+        let (out, saved) = match s1 {
             CpuStorage::F32(_) => {
-                CpuStorage::F32(ln_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, self.eps))
+                let (y, sv) = ln_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, self.eps);
+                (CpuStorage::F32(y), sv)
             }
             CpuStorage::F64(_) => {
-                CpuStorage::F64(ln_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, self.eps))
+                let (y, sv) = ln_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, self.eps);
+                (CpuStorage::F64(y), sv)
             }
             _ => return Err(float_only(n)),
         };
+        let _ = self.saved.set(saved);
         Ok((out, l1.shape().clone()))
     }
 
@@ -198,24 +218,24 @@ impl CustomOp3 for LayerNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = self.name();
-        let (vx, vg, vd) = (View::new(x)?, View::new(gamma)?, View::new(grad)?);
+        let Some(saved) = self.saved.get() else {
+            candle_core::bail!("{n}: backward before forward");
+        };
+        let (vg, vd) = (View::new(gamma)?, View::new(grad)?);
         fn go<T: Real>(
             n: &str,
-            vx: &View,
+            saved: &LnSaved,
             vg: &View,
             vd: &View,
-            eps: f64,
             xs: &Shape,
             gs: &Shape,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let (dx, dg, db) = vx.with::<T, _>(n, |x| {
-                vg.with::<T, _>(n, |g| vd.with::<T, _>(n, |dy| Ok(ln_bwd(x, g, dy, eps))))
-            })?;
+            let (dx, dg, db) = vg.with::<T, _>(n, |g| vd.with::<T, _>(n, |dy| Ok(ln_bwd(saved, g, dy))))?;
             Ok((Some(to_tensor(dx, xs)?), Some(to_tensor(dg, gs)?), Some(to_tensor(db, gs)?)))
         }
         match x.dtype() {
-            DType::F32 => go::<f32>(n, &vx, &vg, &vd, self.eps, x.shape(), gamma.shape()),
-            DType::F64 => go::<f64>(n, &vx, &vg, &vd, self.eps, x.shape(), gamma.shape()),
+            DType::F32 => go::<f32>(n, saved, &vg, &vd, x.shape(), gamma.shape()),
+            DType::F64 => go::<f64>(n, saved, &vg, &vd, x.shape(), gamma.shape()),
             _ => Err(float_only(n)),
         }
     }
@@ -245,7 +265,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     if !scale.is_finite() {
         candle_core::bail!("causal_attention: the scale must be finite, got {scale}");
     }
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale })
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale, probs: OnceLock::new() })
 }
 
 /// The composite candle form of [`causal_attention`] (heads to the front, `q k^T`, scale, an
@@ -273,6 +293,9 @@ pub fn causal_attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64
 
 struct Attention {
     scale: f64,
+    /// The forward's probabilities, `[N, L, heads, Lk]` (0 beyond the causal limit), for the
+    /// backward.
+    probs: OnceLock<Vec<f64>>,
 }
 
 #[derive(Clone, Copy)]
@@ -328,9 +351,10 @@ fn att_probs<T: Real>(
     }
 }
 
-fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64) -> Vec<T> {
+/// The output and the probabilities `[N, L, heads, Lk]`.
+fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64) -> (Vec<T>, Vec<f64>) {
     let mut out = vec![T::of(0.0); q.len()];
-    let mut p = vec![0.0f64; s.lk];
+    let mut probs = vec![0.0f64; s.n * s.l * s.h * s.lk];
     let mut acc = vec![0.0f64; s.dh];
     let off = s.lk - s.l;
     for b in 0..s.n {
@@ -338,7 +362,9 @@ fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64) -> Vec<T
             for hh in 0..s.h {
                 let oq = s.at(s.l, b, i, hh);
                 let last = i + off;
-                att_probs(&q[oq..oq + s.dh], k, s, b, hh, last, scale, &mut p);
+                let op = ((b * s.l + i) * s.h + hh) * s.lk;
+                let p = &mut probs[op..op + s.lk];
+                att_probs(&q[oq..oq + s.dh], k, s, b, hh, last, scale, p);
                 acc.iter_mut().for_each(|a| *a = 0.0);
                 for (j, &pj) in p.iter().enumerate().take(last + 1) {
                     let ov = s.at(s.lk, b, j, hh);
@@ -352,22 +378,22 @@ fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64) -> Vec<T
             }
         }
     }
-    out
+    (out, probs)
 }
 
-/// `(dq, dk, dv)`.
+/// `(dq, dk, dv)` from the forward's probabilities `probs` ([`att_fwd`]).
 fn att_bwd<T: Real>(
     q: &[T],
     k: &[T],
     v: &[T],
     dout: &[T],
+    probs: &[f64],
     s: AttShape,
     scale: f64,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let mut dq = vec![0.0f64; q.len()];
     let mut dk = vec![0.0f64; k.len()];
     let mut dv = vec![0.0f64; v.len()];
-    let mut p = vec![0.0f64; s.lk];
     let mut dp = vec![0.0f64; s.lk];
     let off = s.lk - s.l;
     for b in 0..s.n {
@@ -377,7 +403,8 @@ fn att_bwd<T: Real>(
                 let last = i + off;
                 let qi = &q[oq..oq + s.dh];
                 let doi = &dout[oq..oq + s.dh];
-                att_probs(qi, k, s, b, hh, last, scale, &mut p);
+                let op = ((b * s.l + i) * s.h + hh) * s.lk;
+                let p = &probs[op..op + s.lk];
                 // dp_ij = do_i . v_j; sum_j p_ij dp_ij = do_i . o_i.
                 let mut pdp = 0.0;
                 for j in 0..=last {
@@ -422,22 +449,21 @@ impl CustomOp3 for Attention {
         let n = self.name();
         let s = AttShape::of(l1.shape(), l2.shape())?;
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(att_fwd::<f32>(
-                data(s1, l1, n)?,
-                data(s2, l2, n)?,
-                data(s3, l3, n)?,
-                s,
-                self.scale,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(att_fwd::<f64>(
-                data(s1, l1, n)?,
-                data(s2, l2, n)?,
-                data(s3, l3, n)?,
-                s,
-                self.scale,
-            )),
+            CpuStorage::F32(_) => {
+                let (o, p) =
+                    att_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, s, self.scale);
+                (CpuStorage::F32(o), p)
+            }
+            CpuStorage::F64(_) => {
+                let (o, p) =
+                    att_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, s, self.scale);
+                (CpuStorage::F64(o), p)
+            }
             _ => return Err(float_only(n)),
         };
+        let (out, probs) = out;
+        // A second forward of the same op (none in candle) would keep the first's probabilities.
+        let _ = self.probs.set(probs);
         Ok((out, l1.shape().clone()))
     }
 
@@ -451,10 +477,14 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let n = self.name();
         let s = AttShape::of(q.shape(), k.shape())?;
+        let Some(probs) = self.probs.get() else {
+            candle_core::bail!("{n}: backward before forward");
+        };
         let views = [View::new(q)?, View::new(k)?, View::new(v)?, View::new(grad)?];
         fn go<T: Real>(
             n: &str,
             w: &[View; 4],
+            probs: &[f64],
             s: AttShape,
             scale: f64,
             qs: &Shape,
@@ -462,14 +492,16 @@ impl CustomOp3 for Attention {
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
             let (dq, dk, dv) = w[0].with::<T, _>(n, |q| {
                 w[1].with::<T, _>(n, |k| {
-                    w[2].with::<T, _>(n, |v| w[3].with::<T, _>(n, |g| Ok(att_bwd(q, k, v, g, s, scale))))
+                    w[2].with::<T, _>(n, |v| {
+                        w[3].with::<T, _>(n, |g| Ok(att_bwd(q, k, v, g, probs, s, scale)))
+                    })
                 })
             })?;
             Ok((Some(to_tensor(dq, qs)?), Some(to_tensor(dk, ks)?), Some(to_tensor(dv, ks)?)))
         }
         match q.dtype() {
-            DType::F32 => go::<f32>(n, &views, s, self.scale, q.shape(), k.shape()),
-            DType::F64 => go::<f64>(n, &views, s, self.scale, q.shape(), k.shape()),
+            DType::F32 => go::<f32>(n, &views, probs, s, self.scale, q.shape(), k.shape()),
+            DType::F64 => go::<f64>(n, &views, probs, s, self.scale, q.shape(), k.shape()),
             _ => Err(float_only(n)),
         }
     }
@@ -708,15 +740,14 @@ impl CustomOp2 for AddBias {
 // Bias add and GELU.
 
 /// `y = gelu(x + b)` ([`gelu`]) for `x [.., d]` and a bias `b [d]`, as one op. Backward, with
-/// `z = x + b`: `dx = dy gelu'(z)`, `db = sum over the rows of dx`. The backward reads
-/// `sigma(2u)` back from the output as `y / z` (no `exp`) where `z <= -1e-3` or
-/// `1e-3 <= z <= 2` (and `y != 0`), and recomputes it elsewhere.
+/// `z = x + b`: `dx = dy gelu'(z)`, `db = sum over the rows of dx`; the forward keeps `gelu'(z)`
+/// (in `f64`) for it.
 pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     if b.dims() != [d] {
         candle_core::bail!("bias_gelu: b {:?} must be [{d}], the last dimension of x", b.dims());
     }
-    x.contiguous()?.apply_op2(&b.contiguous()?, BiasGelu)
+    x.contiguous()?.apply_op2(&b.contiguous()?, BiasGelu { deriv: OnceLock::new() })
 }
 
 /// The composite candle form of [`bias_gelu`]: [`gelu_composite`] of `broadcast_add`.
@@ -724,30 +755,34 @@ pub fn bias_gelu_composite(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     gelu_composite(&x.broadcast_add(b)?)
 }
 
-struct BiasGelu;
-
-fn bias_gelu_fwd<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
-    let mut y = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(b.len().max(1)) {
-        y.extend(row.iter().zip(b).map(|(&x, &b)| T::of(gelu_f(x.f() + b.f()))));
-    }
-    y
+struct BiasGelu {
+    /// `gelu'(x + b)` of the forward, for the backward.
+    deriv: OnceLock<Vec<f64>>,
 }
 
-/// `(dx, db)`.
-fn bias_gelu_bwd<T: Real>(x: &[T], b: &[T], y: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
-    let d = b.len().max(1);
-    let mut dx = Vec::with_capacity(x.len());
-    let mut db = vec![0.0f64; b.len()];
-    for ((xr, yr), gr) in x.chunks_exact(d).zip(y.chunks_exact(d)).zip(dy.chunks_exact(d)) {
-        for j in 0..d {
-            let z = xr[j].f() + b[j].f();
-            let yj = yr[j].f();
-            // y / z carries y's rounding into 1 - s, which the derivative multiplies by ~z^3:
-            // read back for z <= 2 only (and away from 0, where z and y lose digits).
-            let s = if (z <= -1e-3 || (1e-3..=2.0).contains(&z)) && yj != 0.0 { yj / z } else { gelu_sig(z) };
-            let g = gr[j].f() * (s + 2.0 * z * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * GELU_A * z * z));
-            db[j] += g;
+/// The output and `gelu'(x + b)`.
+fn bias_gelu_fwd<T: Real>(x: &[T], b: &[T]) -> (Vec<T>, Vec<f64>) {
+    let mut y = Vec::with_capacity(x.len());
+    let mut dy = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(b.len().max(1)) {
+        for (&x, &b) in row.iter().zip(b) {
+            let z = x.f() + b.f();
+            let s = gelu_sig(z);
+            y.push(T::of(z * s));
+            dy.push(s + 2.0 * z * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * GELU_A * z * z));
+        }
+    }
+    (y, dy)
+}
+
+/// `(dx, db)`: `dx = dy gelu'`, `db` its sums over the rows.
+fn bias_gelu_bwd<T: Real>(deriv: &[f64], dy: &[T], d: usize) -> (Vec<T>, Vec<T>) {
+    let mut dx = Vec::with_capacity(dy.len());
+    let mut db = vec![0.0f64; d];
+    for (dr, gr) in deriv.chunks_exact(d.max(1)).zip(dy.chunks_exact(d.max(1))) {
+        for ((a, &dj), &gj) in db.iter_mut().zip(dr).zip(gr) {
+            let g = gj.f() * dj;
+            *a += g;
             dx.push(T::of(g));
         }
     }
@@ -767,11 +802,18 @@ impl CustomOp2 for BiasGelu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = self.name();
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(bias_gelu_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(bias_gelu_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?)),
+        let (out, deriv) = match s1 {
+            CpuStorage::F32(_) => {
+                let (y, d) = bias_gelu_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?);
+                (CpuStorage::F32(y), d)
+            }
+            CpuStorage::F64(_) => {
+                let (y, d) = bias_gelu_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?);
+                (CpuStorage::F64(y), d)
+            }
             _ => return Err(float_only(n)),
         };
+        let _ = self.deriv.set(deriv);
         Ok((out, l1.shape().clone()))
     }
 
@@ -779,28 +821,26 @@ impl CustomOp2 for BiasGelu {
         &self,
         x: &Tensor,
         b: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = self.name();
-        let w = [View::new(x)?, View::new(b)?, View::new(res)?, View::new(grad)?];
-        fn go<T: Real>(
-            n: &str,
-            w: &[View; 4],
-            xs: &Shape,
-            bs: &Shape,
-        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let (dx, db) = w[0].with::<T, _>(n, |x| {
-                w[1].with::<T, _>(n, |b| {
-                    w[2].with::<T, _>(n, |y| w[3].with::<T, _>(n, |g| Ok(bias_gelu_bwd(x, b, y, g))))
-                })
-            })?;
-            Ok((Some(to_tensor(dx, xs)?), Some(to_tensor(db, bs)?)))
-        }
-        match x.dtype() {
-            DType::F32 => go::<f32>(n, &w, x.shape(), b.shape()),
-            DType::F64 => go::<f64>(n, &w, x.shape(), b.shape()),
-            _ => Err(float_only(n)),
-        }
+        let Some(deriv) = self.deriv.get() else {
+            candle_core::bail!("{n}: backward before forward");
+        };
+        let vg = View::new(grad)?;
+        let d = b.elem_count();
+        let (dx, db) = match x.dtype() {
+            DType::F32 => {
+                let (dx, db) = vg.with::<f32, _>(n, |g| Ok(bias_gelu_bwd(deriv, g, d)))?;
+                (to_tensor(dx, x.shape())?, to_tensor(db, b.shape())?)
+            }
+            DType::F64 => {
+                let (dx, db) = vg.with::<f64, _>(n, |g| Ok(bias_gelu_bwd(deriv, g, d)))?;
+                (to_tensor(dx, x.shape())?, to_tensor(db, b.shape())?)
+            }
+            _ => return Err(float_only(n)),
+        };
+        Ok((Some(dx), Some(db)))
     }
 }
