@@ -280,3 +280,29 @@ fn fused_ops_give_the_same_bits_run_to_run() -> R<()> {
     assert_eq!(once()?, once()?);
     Ok(())
 }
+
+#[test]
+fn untracked_inputs_give_the_same_values_as_tracked_ones() -> R<()> {
+    // Without a tracked input the ops keep nothing for a backward (the rollouts' path).
+    let mut r = Rng::new(5);
+    let mk = |r: &mut Rng, s: &[usize]| -> R<Tensor> {
+        Tensor::from_vec(normals(r, s.iter().product(), 1.0), s, &Device::Cpu)?.to_dtype(DType::F32)
+    };
+    let (x, g, b) = (mk(&mut r, &[6, 8])?, mk(&mut r, &[8])?, mk(&mut r, &[8])?);
+    let (q, k, v) = (mk(&mut r, &[2, 3, 2, 4])?, mk(&mut r, &[2, 5, 2, 4])?, mk(&mut r, &[2, 5, 2, 4])?);
+    let var = |t: &Tensor| -> R<Tensor> { Ok(Var::from_tensor(t)?.as_tensor().clone()) };
+    let bits = |t: Tensor| -> R<Vec<u32>> {
+        Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    };
+    assert!(!x.track_op() && var(&x)?.track_op());
+    assert_eq!(
+        bits(fused::layer_norm(&x, &g, &b, 1e-6)?)?,
+        bits(fused::layer_norm(&var(&x)?, &g, &b, 1e-6)?)?
+    );
+    assert_eq!(
+        bits(fused::causal_attention(&q, &k, &v, 0.5)?)?,
+        bits(fused::causal_attention(&q, &var(&k)?, &v, 0.5)?)?
+    );
+    assert_eq!(bits(fused::bias_gelu(&x, &b)?)?, bits(fused::bias_gelu(&x, &var(&b)?)?)?);
+    Ok(())
+}

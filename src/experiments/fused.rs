@@ -74,6 +74,11 @@ impl View {
     }
 }
 
+/// Whether a gradient may flow back to one of `ts` (then an op keeps what its backward needs).
+fn tracked(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
 fn to_tensor<T: Real>(v: Vec<T>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
 }
@@ -105,7 +110,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     x.contiguous()?.apply_op3(
         &gamma.contiguous()?,
         &beta.contiguous()?,
-        LayerNorm { eps, saved: OnceLock::new() },
+        LayerNorm { eps, save: tracked(&[x, gamma, beta]), saved: OnceLock::new() },
     )
 }
 
@@ -120,6 +125,8 @@ pub fn layer_norm_composite(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64)
 
 struct LayerNorm {
     eps: f64,
+    /// Whether a backward may follow (an input is tracked).
+    save: bool,
     /// The forward's normalised input and scales, for the backward.
     saved: OnceLock<LnSaved>,
 }
@@ -139,19 +146,23 @@ fn row_stats<T: Real>(row: &[T], eps: f64) -> (f64, f64) {
 }
 
 /// The output and the forward's `xh` and per-row `r` ([`LnSaved`]).
-fn ln_fwd<T: Real>(x: &[T], g: &[T], b: &[T], eps: f64) -> (Vec<T>, LnSaved) {
+fn ln_fwd<T: Real>(x: &[T], g: &[T], b: &[T], eps: f64, save: bool) -> (Vec<T>, LnSaved) {
     let d = g.len();
     let mut y = Vec::with_capacity(x.len());
-    let mut xh = Vec::with_capacity(x.len());
-    let mut r = Vec::with_capacity(x.len() / d.max(1));
+    let mut xh = Vec::with_capacity(if save { x.len() } else { 0 });
+    let mut r = Vec::with_capacity(if save { x.len() / d.max(1) } else { 0 });
     for row in x.chunks_exact(d) {
         let (mu, rr) = row_stats(row, eps);
         for ((&v, &g), &b) in row.iter().zip(g).zip(b) {
             let h = (v.f() - mu) * rr;
-            xh.push(h);
+            if save {
+                xh.push(h);
+            }
             y.push(T::of(g.f() * h + b.f()));
         }
-        r.push(rr);
+        if save {
+            r.push(rr);
+        }
     }
     (y, LnSaved { xh, r })
 }
@@ -196,16 +207,20 @@ impl CustomOp3 for LayerNorm {
         let n = self.name();
         let (out, saved) = match s1 {
             CpuStorage::F32(_) => {
-                let (y, sv) = ln_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, self.eps);
+                let (y, sv) =
+                    ln_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, self.eps, self.save);
                 (CpuStorage::F32(y), sv)
             }
             CpuStorage::F64(_) => {
-                let (y, sv) = ln_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, self.eps);
+                let (y, sv) =
+                    ln_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, self.eps, self.save);
                 (CpuStorage::F64(y), sv)
             }
             _ => return Err(float_only(n)),
         };
-        let _ = self.saved.set(saved);
+        if self.save {
+            let _ = self.saved.set(saved);
+        }
         Ok((out, l1.shape().clone()))
     }
 
@@ -265,7 +280,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     if !scale.is_finite() {
         candle_core::bail!("causal_attention: the scale must be finite, got {scale}");
     }
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale, probs: OnceLock::new() })
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention { scale, save: tracked(&[q, k, v]), probs: OnceLock::new() },
+    )
 }
 
 /// The composite candle form of [`causal_attention`] (heads to the front, `q k^T`, scale, an
@@ -293,6 +312,8 @@ pub fn causal_attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64
 
 struct Attention {
     scale: f64,
+    /// Whether a backward may follow (an input is tracked).
+    save: bool,
     /// The forward's probabilities, `[N, L, heads, Lk]` (0 beyond the causal limit), for the
     /// backward.
     probs: OnceLock<Vec<f64>>,
@@ -352,9 +373,10 @@ fn att_probs<T: Real>(
 }
 
 /// The output and the probabilities `[N, L, heads, Lk]`.
-fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64) -> (Vec<T>, Vec<f64>) {
+/// (Without `save`, the probabilities of one row at a time, returned empty.)
+fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64, save: bool) -> (Vec<T>, Vec<f64>) {
     let mut out = vec![T::of(0.0); q.len()];
-    let mut probs = vec![0.0f64; s.n * s.l * s.h * s.lk];
+    let mut probs = vec![0.0f64; if save { s.n * s.l * s.h * s.lk } else { s.lk }];
     let mut acc = vec![0.0f64; s.dh];
     let off = s.lk - s.l;
     for b in 0..s.n {
@@ -362,7 +384,7 @@ fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64) -> (Vec<
             for hh in 0..s.h {
                 let oq = s.at(s.l, b, i, hh);
                 let last = i + off;
-                let op = ((b * s.l + i) * s.h + hh) * s.lk;
+                let op = if save { ((b * s.l + i) * s.h + hh) * s.lk } else { 0 };
                 let p = &mut probs[op..op + s.lk];
                 att_probs(&q[oq..oq + s.dh], k, s, b, hh, last, scale, p);
                 acc.iter_mut().for_each(|a| *a = 0.0);
@@ -377,6 +399,9 @@ fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64) -> (Vec<
                 }
             }
         }
+    }
+    if !save {
+        probs = Vec::new();
     }
     (out, probs)
 }
@@ -450,20 +475,34 @@ impl CustomOp3 for Attention {
         let s = AttShape::of(l1.shape(), l2.shape())?;
         let out = match s1 {
             CpuStorage::F32(_) => {
-                let (o, p) =
-                    att_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, s, self.scale);
+                let (o, p) = att_fwd::<f32>(
+                    data(s1, l1, n)?,
+                    data(s2, l2, n)?,
+                    data(s3, l3, n)?,
+                    s,
+                    self.scale,
+                    self.save,
+                );
                 (CpuStorage::F32(o), p)
             }
             CpuStorage::F64(_) => {
-                let (o, p) =
-                    att_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, s, self.scale);
+                let (o, p) = att_fwd::<f64>(
+                    data(s1, l1, n)?,
+                    data(s2, l2, n)?,
+                    data(s3, l3, n)?,
+                    s,
+                    self.scale,
+                    self.save,
+                );
                 (CpuStorage::F64(o), p)
             }
             _ => return Err(float_only(n)),
         };
         let (out, probs) = out;
         // A second forward of the same op (none in candle) would keep the first's probabilities.
-        let _ = self.probs.set(probs);
+        if self.save {
+            let _ = self.probs.set(probs);
+        }
         Ok((out, l1.shape().clone()))
     }
 
@@ -741,13 +780,13 @@ impl CustomOp2 for AddBias {
 
 /// `y = gelu(x + b)` ([`gelu`]) for `x [.., d]` and a bias `b [d]`, as one op. Backward, with
 /// `z = x + b`: `dx = dy gelu'(z)`, `db = sum over the rows of dx`; the forward keeps `gelu'(z)`
-/// (in `f64`) for it.
+/// (rounded to the dtype) for it when an input is tracked.
 pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     if b.dims() != [d] {
         candle_core::bail!("bias_gelu: b {:?} must be [{d}], the last dimension of x", b.dims());
     }
-    x.contiguous()?.apply_op2(&b.contiguous()?, BiasGelu { deriv: OnceLock::new() })
+    x.contiguous()?.apply_op2(&b.contiguous()?, BiasGelu { save: tracked(&[x, b]), deriv: OnceLock::new() })
 }
 
 /// The composite candle form of [`bias_gelu`]: [`gelu_composite`] of `broadcast_add`.
@@ -756,32 +795,36 @@ pub fn bias_gelu_composite(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 struct BiasGelu {
-    /// `gelu'(x + b)` of the forward, for the backward.
-    deriv: OnceLock<Vec<f64>>,
+    /// Whether a backward may follow (an input is tracked).
+    save: bool,
+    /// `gelu'(x + b)` of the forward (in the dtype), for the backward.
+    deriv: OnceLock<CpuStorage>,
 }
 
-/// The output and `gelu'(x + b)`.
-fn bias_gelu_fwd<T: Real>(x: &[T], b: &[T]) -> (Vec<T>, Vec<f64>) {
+/// The output and `gelu'(x + b)` (empty without `save`).
+fn bias_gelu_fwd<T: Real>(x: &[T], b: &[T], save: bool) -> (Vec<T>, Vec<T>) {
     let mut y = Vec::with_capacity(x.len());
-    let mut dy = Vec::with_capacity(x.len());
+    let mut dy = Vec::with_capacity(if save { x.len() } else { 0 });
     for row in x.chunks_exact(b.len().max(1)) {
         for (&x, &b) in row.iter().zip(b) {
             let z = x.f() + b.f();
             let s = gelu_sig(z);
             y.push(T::of(z * s));
-            dy.push(s + 2.0 * z * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * GELU_A * z * z));
+            if save {
+                dy.push(T::of(s + 2.0 * z * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * GELU_A * z * z)));
+            }
         }
     }
     (y, dy)
 }
 
 /// `(dx, db)`: `dx = dy gelu'`, `db` its sums over the rows.
-fn bias_gelu_bwd<T: Real>(deriv: &[f64], dy: &[T], d: usize) -> (Vec<T>, Vec<T>) {
+fn bias_gelu_bwd<T: Real>(deriv: &[T], dy: &[T], d: usize) -> (Vec<T>, Vec<T>) {
     let mut dx = Vec::with_capacity(dy.len());
     let mut db = vec![0.0f64; d];
     for (dr, gr) in deriv.chunks_exact(d.max(1)).zip(dy.chunks_exact(d.max(1))) {
         for ((a, &dj), &gj) in db.iter_mut().zip(dr).zip(gr) {
-            let g = gj.f() * dj;
+            let g = gj.f() * dj.f();
             *a += g;
             dx.push(T::of(g));
         }
@@ -804,16 +847,18 @@ impl CustomOp2 for BiasGelu {
         let n = self.name();
         let (out, deriv) = match s1 {
             CpuStorage::F32(_) => {
-                let (y, d) = bias_gelu_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?);
-                (CpuStorage::F32(y), d)
+                let (y, d) = bias_gelu_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?, self.save);
+                (CpuStorage::F32(y), CpuStorage::F32(d))
             }
             CpuStorage::F64(_) => {
-                let (y, d) = bias_gelu_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?);
-                (CpuStorage::F64(y), d)
+                let (y, d) = bias_gelu_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?, self.save);
+                (CpuStorage::F64(y), CpuStorage::F64(d))
             }
             _ => return Err(float_only(n)),
         };
-        let _ = self.deriv.set(deriv);
+        if self.save {
+            let _ = self.deriv.set(deriv);
+        }
         Ok((out, l1.shape().clone()))
     }
 
@@ -832,11 +877,13 @@ impl CustomOp2 for BiasGelu {
         let d = b.elem_count();
         let (dx, db) = match x.dtype() {
             DType::F32 => {
-                let (dx, db) = vg.with::<f32, _>(n, |g| Ok(bias_gelu_bwd(deriv, g, d)))?;
+                let dv = f32::cpu_storage_as_slice(deriv)?;
+                let (dx, db) = vg.with::<f32, _>(n, |g| Ok(bias_gelu_bwd(dv, g, d)))?;
                 (to_tensor(dx, x.shape())?, to_tensor(db, b.shape())?)
             }
             DType::F64 => {
-                let (dx, db) = vg.with::<f64, _>(n, |g| Ok(bias_gelu_bwd(deriv, g, d)))?;
+                let dv = f64::cpu_storage_as_slice(deriv)?;
+                let (dx, db) = vg.with::<f64, _>(n, |g| Ok(bias_gelu_bwd(dv, g, d)))?;
                 (to_tensor(dx, x.shape())?, to_tensor(db, b.shape())?)
             }
             _ => return Err(float_only(n)),

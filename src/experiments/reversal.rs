@@ -368,6 +368,19 @@ impl Model {
         start: usize,
         past: Option<&KvCache>,
     ) -> Result<(Tensor, KvCache)> {
+        self.forward_with(tokens, start, past, true)
+    }
+
+    /// [`Model::forward`]; with `track = false` on the parameters' values detached from them (no
+    /// gradient graph: the rollouts), with the same results.
+    fn forward_with(
+        &self,
+        tokens: &Tensor,
+        start: usize,
+        past: Option<&KvCache>,
+        track: bool,
+    ) -> Result<(Tensor, KvCache)> {
+        let t = |v: &Var| if track { v.as_tensor().clone() } else { v.as_tensor().detach() };
         let (n, l) = tokens.dims2()?;
         let c = &self.cfg;
         let (d, h) = (c.d_model, c.heads);
@@ -378,14 +391,15 @@ impl Model {
         if past.is_none() && start != 0 {
             candle_core::bail!("a forward from position {start} needs the cached positions before it");
         }
-        let x = self.tok.as_tensor().index_select(&tokens.flatten_all()?, 0)?.reshape((n, l, d))?;
-        let mut x = fused::add_bias(&x, &self.pos.as_tensor().narrow(0, start, l)?)?;
+        let x = t(&self.tok).index_select(&tokens.flatten_all()?, 0)?.reshape((n, l, d))?;
+        let mut x = fused::add_bias(&x, &t(&self.pos).narrow(0, start, l)?)?;
         let scale = 1.0 / (dh as f64).sqrt();
         let mut cache = Vec::with_capacity(self.blocks.len());
         for (i, b) in self.blocks.iter().enumerate() {
-            let y = layer_norm(&x, &b.ln1)?.reshape((n * l, d))?;
-            let heads =
-                |w: &Var, bias: &Var| -> Result<Tensor> { linear(&y, w, bias)?.reshape((n, l, h, dh)) };
+            let y = layer_norm(&x, &b.ln1, &t)?.reshape((n * l, d))?;
+            let heads = |w: &Var, bias: &Var| -> Result<Tensor> {
+                linear(&y, &t(w), &t(bias))?.reshape((n, l, h, dh))
+            };
             let q = heads(&b.wq, &b.bq)?;
             let mut k = heads(&b.wk, &b.bk)?;
             let mut v = heads(&b.wv, &b.bv)?;
@@ -402,14 +416,15 @@ impl Model {
             }
             // Query i (position start + i) sees keys 0..=start + i.
             let o = fused::causal_attention(&q, &k, &v, scale)?.reshape((n * l, d))?;
-            x = (x + linear(&o, &b.wo, &b.bo)?.reshape((n, l, d))?)?;
-            let y = layer_norm(&x, &b.ln2)?.reshape((n * l, d))?;
-            let y = linear(&fused::bias_gelu(&y.matmul(b.w1.as_tensor())?, b.b1.as_tensor())?, &b.w2, &b.b2)?;
+            x = (x + linear(&o, &t(&b.wo), &t(&b.bo))?.reshape((n, l, d))?)?;
+            let y = layer_norm(&x, &b.ln2, &t)?.reshape((n * l, d))?;
+            let y = fused::bias_gelu(&y.matmul(&t(&b.w1))?, &t(&b.b1))?;
+            let y = linear(&y, &t(&b.w2), &t(&b.b2))?;
             x = (x + y.reshape((n, l, d))?)?;
             cache.push((k, v));
         }
-        let x = layer_norm(&x, &self.lnf)?.reshape((n * l, d))?;
-        let logits = linear(&x, &self.head_w, &self.head_b)?.reshape((n, l, c.vocab))?;
+        let x = layer_norm(&x, &self.lnf, &t)?.reshape((n * l, d))?;
+        let logits = linear(&x, &t(&self.head_w), &t(&self.head_b))?.reshape((n, l, c.vocab))?;
         Ok((fused::log_softmax(&logits)?, cache))
     }
 
@@ -470,13 +485,14 @@ impl Init {
 }
 
 /// `x W + b` for `x [M, in]`.
-fn linear(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
-    fused::add_bias(&x.matmul(w.as_tensor())?, b.as_tensor())
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    fused::add_bias(&x.matmul(w)?, b)
 }
 
 /// LayerNorm over the last dimension with scale and offset ([`fused::layer_norm`]).
-fn layer_norm(x: &Tensor, (g, b): &(Var, Var)) -> Result<Tensor> {
-    fused::layer_norm(x, g.as_tensor(), b.as_tensor(), LN_EPS)
+/// (`t` gives a parameter's tensor, tracked or detached.)
+fn layer_norm(x: &Tensor, (g, b): &(Var, Var), t: &dyn Fn(&Var) -> Tensor) -> Result<Tensor> {
+    fused::layer_norm(x, &t(g), &t(b), LN_EPS)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,7 +567,7 @@ impl Trainer {
         let (b, h, v) = (self.cfg.batch, self.cfg.length, self.cfg.vocab);
         let n = b * rep;
         let pt = Tensor::from_vec(prompts.to_vec(), (b, h), &Device::Cpu)?;
-        let (lp, mut kv) = self.model.forward(&pt, 0, None)?;
+        let (lp, mut kv) = self.model.forward_with(&pt, 0, None, false)?;
         let mut last = lp.narrow(1, h - 1, 1)?.contiguous()?.detach();
         if rep > 1 {
             let idx = repeat_index(b, rep)?;
@@ -583,7 +599,7 @@ impl Trainer {
             }
             if t + 1 < h {
                 let nt = Tensor::from_vec(next, (n, 1), &Device::Cpu)?;
-                let (lp, kv2) = self.model.forward(&nt, h + t, Some(&kv))?;
+                let (lp, kv2) = self.model.forward_with(&nt, h + t, Some(&kv), false)?;
                 last = lp.detach();
                 kv = kv2.into_iter().map(|(k, v)| (k.detach(), v.detach())).collect();
             }
