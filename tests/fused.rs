@@ -306,3 +306,43 @@ fn untracked_inputs_give_the_same_values_as_tracked_ones() -> R<()> {
     assert_eq!(bits(fused::bias_gelu(&x, &b)?)?, bits(fused::bias_gelu(&x, &var(&b)?)?)?);
     Ok(())
 }
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() -> R<()> {
+    // Rows and sequences are split over rayon's threads in fixed blocks: the same bits with 1 and
+    // with 3 threads, values and gradients, in f64 (f32 rounding would hide a changed order of
+    // summation), on 140 rows (three blocks).
+    let mut r = Rng::new(21);
+    let (n, l, h, dh) = (20, 7, 2, 8);
+    let d = h * dh;
+    let x = Var::from_tensor(&Tensor::from_vec(normals(&mut r, n * l * d, 1.0), (n * l, d), &Device::Cpu)?)?;
+    let b = Var::from_tensor(&Tensor::from_vec(normals(&mut r, d, 1.0), d, &Device::Cpu)?)?;
+    let run = || -> R<Vec<u64>> {
+        let t = x.as_tensor();
+        let y = fused::layer_norm(t, b.as_tensor(), b.as_tensor(), 1e-6)?.reshape((n, l, h, dh))?;
+        let o = fused::causal_attention(&y, &y, &y, 0.4)?.reshape((n * l, d))?;
+        let z = fused::add_bias(&fused::bias_gelu(&o, b.as_tensor())?, b.as_tensor())?;
+        let w = Tensor::from_vec(
+            (0..n * l * d).map(|i| (i % 7) as f64 - 3.0).collect::<Vec<_>>(),
+            (n * l, d),
+            &Device::Cpu,
+        )?;
+        let grads = (z.clone() * w)?.sum_all()?.backward()?;
+        let mut bits: Vec<u64> = z.flatten_all()?.to_vec1::<f64>()?.iter().map(|v| v.to_bits()).collect();
+        for v in [t, b.as_tensor()] {
+            bits.extend(
+                grads.get(v).expect("grad").flatten_all()?.to_vec1::<f64>()?.iter().map(|v| v.to_bits()),
+            );
+        }
+        Ok(bits)
+    };
+    let pool = |k: usize| rayon::ThreadPoolBuilder::new().num_threads(k).build().expect("a thread pool");
+    let one = pool(1).install(run)?;
+    let three = pool(3).install(run)?;
+    assert_eq!(one.len(), three.len());
+    if let Some(i) = one.iter().zip(&three).position(|(a, b)| a != b) {
+        let (a, b) = (f64::from_bits(one[i]), f64::from_bits(three[i]));
+        panic!("entry {i} of {}: {a:e} with 1 thread, {b:e} with 3", one.len());
+    }
+    Ok(())
+}

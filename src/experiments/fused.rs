@@ -19,6 +19,8 @@
 
 use std::sync::OnceLock;
 
+use rayon::prelude::*;
+
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, D,
 };
@@ -145,49 +147,79 @@ fn row_stats<T: Real>(row: &[T], eps: f64) -> (f64, f64) {
     (mu, 1.0 / (var + eps).sqrt())
 }
 
-/// The output and the forward's `xh` and per-row `r` ([`LnSaved`]).
+/// The output and the forward's `xh` and per-row `r` ([`LnSaved`]; empty without `save`). Blocks
+/// of [`ROWS`] rows in parallel.
 fn ln_fwd<T: Real>(x: &[T], g: &[T], b: &[T], eps: f64, save: bool) -> (Vec<T>, LnSaved) {
-    let d = g.len();
-    let mut y = Vec::with_capacity(x.len());
-    let mut xh = Vec::with_capacity(if save { x.len() } else { 0 });
-    let mut r = Vec::with_capacity(if save { x.len() / d.max(1) } else { 0 });
-    for row in x.chunks_exact(d) {
-        let (mu, rr) = row_stats(row, eps);
-        for ((&v, &g), &b) in row.iter().zip(g).zip(b) {
-            let h = (v.f() - mu) * rr;
-            if save {
-                xh.push(h);
+    let d = g.len().max(1);
+    let rows = x.len() / d;
+    let mut y = vec![T::of(0.0); x.len()];
+    let mut xh = vec![0.0f64; if save { x.len() } else { 0 }];
+    let mut r = vec![0.0f64; if save { rows } else { 0 }];
+    let one = |xs: &[T], ys: &mut [T], hs: &mut [f64], rs: &mut [f64]| {
+        for (ri, (row, yr)) in xs.chunks_exact(d).zip(ys.chunks_exact_mut(d)).enumerate() {
+            let (mu, rr) = row_stats(row, eps);
+            for (j, ((&v, &gj), &bj)) in row.iter().zip(g).zip(b).enumerate() {
+                let h = (v.f() - mu) * rr;
+                if save {
+                    hs[ri * d + j] = h;
+                }
+                yr[j] = T::of(gj.f() * h + bj.f());
             }
-            y.push(T::of(g.f() * h + b.f()));
+            if save {
+                rs[ri] = rr;
+            }
         }
-        if save {
-            r.push(rr);
-        }
+    };
+    if save {
+        x.par_chunks(ROWS * d)
+            .zip(y.par_chunks_mut(ROWS * d))
+            .zip(xh.par_chunks_mut(ROWS * d))
+            .zip(r.par_chunks_mut(ROWS))
+            .for_each(|(((xs, ys), hs), rs)| one(xs, ys, hs, rs));
+    } else {
+        x.par_chunks(ROWS * d)
+            .zip(y.par_chunks_mut(ROWS * d))
+            .for_each(|(xs, ys)| one(xs, ys, &mut [], &mut []));
     }
     (y, LnSaved { xh, r })
 }
 
-/// `(dx, dgamma, dbeta)` from the forward's [`LnSaved`].
+/// `(dx, dgamma, dbeta)` from the forward's [`LnSaved`]. Blocks of [`ROWS`] rows in parallel.
 fn ln_bwd<T: Real>(saved: &LnSaved, g: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let d = g.len();
-    let mut dx = Vec::with_capacity(dy.len());
-    let mut dg = vec![0.0f64; d];
-    let mut db = vec![0.0f64; d];
-    let mut u = vec![0.0f64; d];
-    for ((xh, dyr), &r) in saved.xh.chunks_exact(d).zip(dy.chunks_exact(d)).zip(&saved.r) {
-        let (mut su, mut sux) = (0.0, 0.0);
-        for j in 0..d {
-            let dyj = dyr[j].f();
-            u[j] = g[j].f() * dyj;
-            su += u[j];
-            sux += u[j] * xh[j];
-            dg[j] += dyj * xh[j];
-            db[j] += dyj;
-        }
-        let (mu_u, mu_ux) = (su / d as f64, sux / d as f64);
-        dx.extend((0..d).map(|j| T::of(r * (u[j] - mu_u - xh[j] * mu_ux))));
-    }
-    (dx, dg.into_iter().map(T::of).collect(), db.into_iter().map(T::of).collect())
+    let d = g.len().max(1);
+    let mut dx = vec![T::of(0.0); dy.len()];
+    let parts: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(ROWS * d)
+        .zip(saved.xh.par_chunks(ROWS * d))
+        .zip(dy.par_chunks(ROWS * d))
+        .zip(saved.r.par_chunks(ROWS))
+        .map(|(((dxs, hs), gs), rs)| {
+            let mut dg = vec![0.0f64; d];
+            let mut db = vec![0.0f64; d];
+            let mut u = vec![0.0f64; d];
+            for (((dxr, xh), dyr), &r) in
+                dxs.chunks_exact_mut(d).zip(hs.chunks_exact(d)).zip(gs.chunks_exact(d)).zip(rs)
+            {
+                let (mut su, mut sux) = (0.0, 0.0);
+                for j in 0..d {
+                    let dyj = dyr[j].f();
+                    u[j] = g[j].f() * dyj;
+                    su += u[j];
+                    sux += u[j] * xh[j];
+                    dg[j] += dyj * xh[j];
+                    db[j] += dyj;
+                }
+                let (mu_u, mu_ux) = (su / d as f64, sux / d as f64);
+                for j in 0..d {
+                    dxr[j] = T::of(r * (u[j] - mu_u - xh[j] * mu_ux));
+                }
+            }
+            (dg, db)
+        })
+        .collect();
+    let (dgs, dbs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    let r = |v: Vec<f64>| v.into_iter().map(T::of).collect();
+    (dx, r(column_sums(dgs, d)), r(column_sums(dbs, d)))
 }
 
 impl CustomOp3 for LayerNorm {
@@ -372,20 +404,28 @@ fn att_probs<T: Real>(
     }
 }
 
-/// The output and the probabilities `[N, L, heads, Lk]`.
+/// The output and the probabilities `[N, L, heads, Lk]`. Sequences in parallel (each one's
+/// arithmetic is the same on any thread).
 /// (Without `save`, the probabilities of one row at a time, returned empty.)
 fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64, save: bool) -> (Vec<T>, Vec<f64>) {
     let mut out = vec![T::of(0.0); q.len()];
-    let mut probs = vec![0.0f64; if save { s.n * s.l * s.h * s.lk } else { s.lk }];
-    let mut acc = vec![0.0f64; s.dh];
+    let mut probs = vec![0.0f64; if save { s.n * s.l * s.h * s.lk } else { 0 }];
     let off = s.lk - s.l;
-    for b in 0..s.n {
+    let per_q = s.l * s.h * s.dh;
+    let per_p = s.l * s.h * s.lk;
+    let one = |b: usize, out: &mut [T], probs: &mut [f64]| {
+        let mut acc = vec![0.0f64; s.dh];
+        let mut scratch = vec![0.0f64; s.lk];
         for i in 0..s.l {
             for hh in 0..s.h {
                 let oq = s.at(s.l, b, i, hh);
                 let last = i + off;
-                let op = if save { ((b * s.l + i) * s.h + hh) * s.lk } else { 0 };
-                let p = &mut probs[op..op + s.lk];
+                let p = if save {
+                    let op = (i * s.h + hh) * s.lk;
+                    &mut probs[op..op + s.lk]
+                } else {
+                    &mut scratch[..]
+                };
                 att_probs(&q[oq..oq + s.dh], k, s, b, hh, last, scale, p);
                 acc.iter_mut().for_each(|a| *a = 0.0);
                 for (j, &pj) in p.iter().enumerate().take(last + 1) {
@@ -394,19 +434,26 @@ fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64, save: bo
                         *a += pj * vv.f();
                     }
                 }
-                for (o, &a) in out[oq..oq + s.dh].iter_mut().zip(&acc) {
+                let oo = oq - b * per_q;
+                for (o, &a) in out[oo..oo + s.dh].iter_mut().zip(&acc) {
                     *o = T::of(a);
                 }
             }
         }
-    }
-    if !save {
-        probs = Vec::new();
+    };
+    if save {
+        out.par_chunks_mut(per_q.max(1))
+            .zip(probs.par_chunks_mut(per_p.max(1)))
+            .enumerate()
+            .for_each(|(b, (o, p))| one(b, o, p));
+    } else {
+        out.par_chunks_mut(per_q.max(1)).enumerate().for_each(|(b, o)| one(b, o, &mut []));
     }
     (out, probs)
 }
 
-/// `(dq, dk, dv)` from the forward's probabilities `probs` ([`att_fwd`]).
+/// `(dq, dk, dv)` from the forward's probabilities `probs` ([`att_fwd`]). Sequences in parallel
+/// (a sequence's keys and values get gradients from its own queries only).
 fn att_bwd<T: Real>(
     q: &[T],
     k: &[T],
@@ -416,15 +463,21 @@ fn att_bwd<T: Real>(
     s: AttShape,
     scale: f64,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let mut dq = vec![0.0f64; q.len()];
-    let mut dk = vec![0.0f64; k.len()];
-    let mut dv = vec![0.0f64; v.len()];
-    let mut dp = vec![0.0f64; s.lk];
+    let per_q = s.l * s.h * s.dh;
+    let per_k = s.lk * s.h * s.dh;
+    let mut dq = vec![T::of(0.0); q.len()];
+    let mut dk = vec![T::of(0.0); k.len()];
+    let mut dv = vec![T::of(0.0); v.len()];
     let off = s.lk - s.l;
-    for b in 0..s.n {
+    let one = |b: usize, dq_out: &mut [T], dk_out: &mut [T], dv_out: &mut [T]| {
+        let mut dq = vec![0.0f64; per_q];
+        let mut dk = vec![0.0f64; per_k];
+        let mut dv = vec![0.0f64; per_k];
+        let mut dp = vec![0.0f64; s.lk];
         for i in 0..s.l {
             for hh in 0..s.h {
                 let oq = s.at(s.l, b, i, hh);
+                let lq = oq - b * per_q;
                 let last = i + off;
                 let qi = &q[oq..oq + s.dh];
                 let doi = &dout[oq..oq + s.dh];
@@ -434,27 +487,42 @@ fn att_bwd<T: Real>(
                 let mut pdp = 0.0;
                 for j in 0..=last {
                     let ov = s.at(s.lk, b, j, hh);
+                    let lv = ov - b * per_k;
                     dp[j] = dot(doi, &v[ov..ov + s.dh]);
                     pdp += p[j] * dp[j];
-                    for (g, &d) in dv[ov..ov + s.dh].iter_mut().zip(doi) {
+                    for (g, &d) in dv[lv..lv + s.dh].iter_mut().zip(doi) {
                         *g += p[j] * d.f();
                     }
                 }
                 for j in 0..=last {
                     let ds = scale * p[j] * (dp[j] - pdp);
                     let ok = s.at(s.lk, b, j, hh);
-                    for (g, &kk) in dq[oq..oq + s.dh].iter_mut().zip(&k[ok..ok + s.dh]) {
+                    let lk = ok - b * per_k;
+                    for (g, &kk) in dq[lq..lq + s.dh].iter_mut().zip(&k[ok..ok + s.dh]) {
                         *g += ds * kk.f();
                     }
-                    for (g, &qq) in dk[ok..ok + s.dh].iter_mut().zip(qi) {
+                    for (g, &qq) in dk[lk..lk + s.dh].iter_mut().zip(qi) {
                         *g += ds * qq.f();
                     }
                 }
             }
         }
-    }
-    let r = |v: Vec<f64>| v.into_iter().map(T::of).collect();
-    (r(dq), r(dk), r(dv))
+        for (o, &g) in dq_out.iter_mut().zip(&dq) {
+            *o = T::of(g);
+        }
+        for (o, &g) in dk_out.iter_mut().zip(&dk) {
+            *o = T::of(g);
+        }
+        for (o, &g) in dv_out.iter_mut().zip(&dv) {
+            *o = T::of(g);
+        }
+    };
+    dq.par_chunks_mut(per_q.max(1))
+        .zip(dk.par_chunks_mut(per_k.max(1)))
+        .zip(dv.par_chunks_mut(per_k.max(1)))
+        .enumerate()
+        .for_each(|(b, ((a, c), d))| one(b, a, c, d));
+    (dq, dk, dv)
 }
 
 impl CustomOp3 for Attention {
@@ -801,35 +869,67 @@ struct BiasGelu {
     deriv: OnceLock<CpuStorage>,
 }
 
+/// Rows per parallel block of the row-wise ops: fixed, so that the sums over rows (added block by
+/// block, in order) do not depend on the thread count.
+const ROWS: usize = 64;
+
+/// The sums over the rows of `[rows, d]` data, block by block (blocks of [`ROWS`] rows summed in
+/// parallel, then added in order).
+fn column_sums(parts: Vec<Vec<f64>>, d: usize) -> Vec<f64> {
+    let mut sum = vec![0.0f64; d];
+    for p in parts {
+        for (a, b) in sum.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    sum
+}
+
 /// The output and `gelu'(x + b)` (empty without `save`).
 fn bias_gelu_fwd<T: Real>(x: &[T], b: &[T], save: bool) -> (Vec<T>, Vec<T>) {
-    let mut y = Vec::with_capacity(x.len());
-    let mut dy = Vec::with_capacity(if save { x.len() } else { 0 });
-    for row in x.chunks_exact(b.len().max(1)) {
-        for (&x, &b) in row.iter().zip(b) {
-            let z = x.f() + b.f();
+    let d = b.len().max(1);
+    let mut y = vec![T::of(0.0); x.len()];
+    let mut dy = vec![T::of(0.0); if save { x.len() } else { 0 }];
+    let one = |xs: &[T], ys: &mut [T], ds: &mut [T]| {
+        for (i, (&x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {
+            let z = x.f() + b[i % d].f();
             let s = gelu_sig(z);
-            y.push(T::of(z * s));
+            *y = T::of(z * s);
             if save {
-                dy.push(T::of(s + 2.0 * z * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * GELU_A * z * z)));
+                ds[i] = T::of(s + 2.0 * z * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * GELU_A * z * z));
             }
         }
+    };
+    if save {
+        x.par_chunks(ROWS * d)
+            .zip(y.par_chunks_mut(ROWS * d))
+            .zip(dy.par_chunks_mut(ROWS * d))
+            .for_each(|((xs, ys), ds)| one(xs, ys, ds));
+    } else {
+        x.par_chunks(ROWS * d).zip(y.par_chunks_mut(ROWS * d)).for_each(|(xs, ys)| one(xs, ys, &mut []));
     }
     (y, dy)
 }
 
 /// `(dx, db)`: `dx = dy gelu'`, `db` its sums over the rows.
 fn bias_gelu_bwd<T: Real>(deriv: &[T], dy: &[T], d: usize) -> (Vec<T>, Vec<T>) {
-    let mut dx = Vec::with_capacity(dy.len());
-    let mut db = vec![0.0f64; d];
-    for (dr, gr) in deriv.chunks_exact(d.max(1)).zip(dy.chunks_exact(d.max(1))) {
-        for ((a, &dj), &gj) in db.iter_mut().zip(dr).zip(gr) {
-            let g = gj.f() * dj.f();
-            *a += g;
-            dx.push(T::of(g));
-        }
-    }
-    (dx, db.into_iter().map(T::of).collect())
+    let d = d.max(1);
+    let mut dx = vec![T::of(0.0); dy.len()];
+    let parts: Vec<Vec<f64>> = dx
+        .par_chunks_mut(ROWS * d)
+        .zip(deriv.par_chunks(ROWS * d))
+        .zip(dy.par_chunks(ROWS * d))
+        .map(|((dxs, ds), gs)| {
+            let mut db = vec![0.0f64; d];
+            for (i, ((o, &dj), &gj)) in dxs.iter_mut().zip(ds).zip(gs).enumerate() {
+                let g = gj.f() * dj.f();
+                db[i % d] += g;
+                *o = T::of(g);
+            }
+            db
+        })
+        .collect();
+    (dx, column_sums(parts, d).into_iter().map(T::of).collect())
 }
 
 impl CustomOp2 for BiasGelu {
