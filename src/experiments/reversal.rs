@@ -42,7 +42,8 @@
 //! exact-match error for the terminal one.
 //!
 //! Deterministic: prompts and samples come from [`Rng`] streams keyed by seed, step and method,
-//! and candle's CPU kernels give the same bits for any thread count.
+//! and candle's CPU kernels and the fused ops of [`super::fused`] give the same bits for any
+//! thread count.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
