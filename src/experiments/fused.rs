@@ -175,10 +175,12 @@ fn ln_fwd<T: Real>(x: &[T], g: &[T], b: &[T], eps: f64, save: bool) -> (Vec<T>, 
             .zip(y.par_chunks_mut(ROWS * d))
             .zip(xh.par_chunks_mut(ROWS * d))
             .zip(r.par_chunks_mut(ROWS))
+            .with_min_len(min_len())
             .for_each(|(((xs, ys), hs), rs)| one(xs, ys, hs, rs));
     } else {
         x.par_chunks(ROWS * d)
             .zip(y.par_chunks_mut(ROWS * d))
+            .with_min_len(min_len())
             .for_each(|(xs, ys)| one(xs, ys, &mut [], &mut []));
     }
     (y, LnSaved { xh, r })
@@ -193,6 +195,7 @@ fn ln_bwd<T: Real>(saved: &LnSaved, g: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T
         .zip(saved.xh.par_chunks(ROWS * d))
         .zip(dy.par_chunks(ROWS * d))
         .zip(saved.r.par_chunks(ROWS))
+        .with_min_len(min_len())
         .map(|(((dxs, hs), gs), rs)| {
             let mut dg = vec![0.0f64; d];
             let mut db = vec![0.0f64; d];
@@ -445,9 +448,13 @@ fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64, save: bo
         out.par_chunks_mut(per_q.max(1))
             .zip(probs.par_chunks_mut(per_p.max(1)))
             .enumerate()
+            .with_min_len(min_len())
             .for_each(|(b, (o, p))| one(b, o, p));
     } else {
-        out.par_chunks_mut(per_q.max(1)).enumerate().for_each(|(b, o)| one(b, o, &mut []));
+        out.par_chunks_mut(per_q.max(1))
+            .enumerate()
+            .with_min_len(min_len())
+            .for_each(|(b, o)| one(b, o, &mut []));
     }
     (out, probs)
 }
@@ -521,6 +528,7 @@ fn att_bwd<T: Real>(
         .zip(dk.par_chunks_mut(per_k.max(1)))
         .zip(dv.par_chunks_mut(per_k.max(1)))
         .enumerate()
+        .with_min_len(min_len())
         .for_each(|(b, ((a, c), d))| one(b, a, c, d));
     (dq, dk, dv)
 }
@@ -869,6 +877,18 @@ struct BiasGelu {
     deriv: OnceLock<CpuStorage>,
 }
 
+/// The least number of blocks a rayon task takes: 1 (split freely) in a pool of several threads;
+/// everything (no split, so the work stays on the calling thread) in a pool of one, as when
+/// `tpo reproduce reversal` runs one job per core and each job's thread calls these ops: one
+/// shared pool thread would serialise them. The blocks and their order are the same either way.
+fn min_len() -> usize {
+    if rayon::current_num_threads() > 1 {
+        1
+    } else {
+        usize::MAX
+    }
+}
+
 /// Rows per parallel block of the row-wise ops: fixed, so that the sums over rows (added block by
 /// block, in order) do not depend on the thread count.
 const ROWS: usize = 64;
@@ -904,9 +924,13 @@ fn bias_gelu_fwd<T: Real>(x: &[T], b: &[T], save: bool) -> (Vec<T>, Vec<T>) {
         x.par_chunks(ROWS * d)
             .zip(y.par_chunks_mut(ROWS * d))
             .zip(dy.par_chunks_mut(ROWS * d))
+            .with_min_len(min_len())
             .for_each(|((xs, ys), ds)| one(xs, ys, ds));
     } else {
-        x.par_chunks(ROWS * d).zip(y.par_chunks_mut(ROWS * d)).for_each(|(xs, ys)| one(xs, ys, &mut []));
+        x.par_chunks(ROWS * d)
+            .zip(y.par_chunks_mut(ROWS * d))
+            .with_min_len(min_len())
+            .for_each(|(xs, ys)| one(xs, ys, &mut []));
     }
     (y, dy)
 }
@@ -919,6 +943,7 @@ fn bias_gelu_bwd<T: Real>(deriv: &[T], dy: &[T], d: usize) -> (Vec<T>, Vec<T>) {
         .par_chunks_mut(ROWS * d)
         .zip(deriv.par_chunks(ROWS * d))
         .zip(dy.par_chunks(ROWS * d))
+        .with_min_len(min_len())
         .map(|((dxs, ds), gs)| {
             let mut db = vec![0.0f64; d];
             for (i, ((o, &dj), &gj)) in dxs.iter_mut().zip(ds).zip(gs).enumerate() {
