@@ -6,6 +6,11 @@
 //! V = 2: tpo_token, grpo_token, ppo, dg) and the terminal task (H = 7, V = 2: tpo, grpo).
 
 use std::time::Instant;
+
+/// The `tpo` binary's allocator (src/main.rs): candle allocates a fresh buffer per tensor op, and
+/// glibc's malloc hands large ones back to the kernel at every free.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tpo::experiments::reversal::{Method, ReversalConfig, Reward, Trainer};
 
 fn main() -> Result<(), String> {
@@ -13,6 +18,12 @@ fn main() -> Result<(), String> {
     // cost more than they save on small tensors), the matrix products on the cores asked for.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    // The matrix products' threads, set as `tpo reproduce reversal` sets them for one job (every
+    // core): unset, candle reads /proc/cpuinfo at every matrix product to count the cores.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let mut args = std::env::args().skip(1);
     let steps: usize = args.next().map_or(Ok(10), |s| s.parse()).map_err(|_| "STEPS: a whole number")?;

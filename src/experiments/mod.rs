@@ -11,6 +11,8 @@ pub mod cartpole;
 #[cfg(feature = "candle")]
 pub mod control;
 #[cfg(feature = "candle")]
+pub mod fused;
+#[cfg(feature = "candle")]
 pub mod muon;
 #[cfg(feature = "candle")]
 pub mod reversal;

@@ -42,9 +42,13 @@
 //! exact-match error for the terminal one.
 //!
 //! Deterministic: prompts and samples come from [`Rng`] streams keyed by seed, step and method,
-//! and candle's CPU kernels give the same bits for any thread count.
+//! and candle's CPU kernels and the fused ops of [`super::fused`] give the same bits for any
+//! thread count.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::fused;
+pub use super::fused::gelu;
 
 use super::muon::{MuonAdam, MuonConfig, ParamKind};
 use super::rng::Rng;
@@ -270,7 +274,7 @@ struct Block {
     b2: Var,
 }
 
-/// Keys and values of the positions seen so far, per layer, `[N, heads, L, d_head]` each.
+/// Keys and values of the positions seen so far, per layer, `[N, L, heads, d_head]` each.
 pub type KvCache = Vec<(Tensor, Tensor)>;
 
 /// The causal transformer policy (see the [module](self) docs).
@@ -365,6 +369,19 @@ impl Model {
         start: usize,
         past: Option<&KvCache>,
     ) -> Result<(Tensor, KvCache)> {
+        self.forward_with(tokens, start, past, true)
+    }
+
+    /// [`Model::forward`]; with `track = false` on the parameters' values detached from them (no
+    /// gradient graph: the rollouts), with the same results.
+    fn forward_with(
+        &self,
+        tokens: &Tensor,
+        start: usize,
+        past: Option<&KvCache>,
+        track: bool,
+    ) -> Result<(Tensor, KvCache)> {
+        let t = |v: &Var| if track { v.as_tensor().clone() } else { v.as_tensor().detach() };
         let (n, l) = tokens.dims2()?;
         let c = &self.cfg;
         let (d, h) = (c.d_model, c.heads);
@@ -375,55 +392,41 @@ impl Model {
         if past.is_none() && start != 0 {
             candle_core::bail!("a forward from position {start} needs the cached positions before it");
         }
-        let dtype = self.tok.dtype();
-        let x = self.tok.as_tensor().index_select(&tokens.flatten_all()?, 0)?.reshape((n, l, d))?;
-        let mut x = x.broadcast_add(&self.pos.as_tensor().narrow(0, start, l)?)?;
-        let lk = start + l;
-        // Query i (position start + i) sees keys 0..=start + i.
-        let mask = if l > 1 {
-            let m: Vec<f32> = (0..l)
-                .flat_map(|i| (0..lk).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
-                .collect();
-            Some(Tensor::from_vec(m, (l, lk), &Device::Cpu)?.to_dtype(dtype)?)
-        } else {
-            None
-        };
+        let x = t(&self.tok).index_select(&tokens.flatten_all()?, 0)?.reshape((n, l, d))?;
+        let mut x = fused::add_bias(&x, &t(&self.pos).narrow(0, start, l)?)?;
         let scale = 1.0 / (dh as f64).sqrt();
         let mut cache = Vec::with_capacity(self.blocks.len());
         for (i, b) in self.blocks.iter().enumerate() {
-            let y = layer_norm(&x, &b.ln1)?.reshape((n * l, d))?;
+            let y = layer_norm(&x, &b.ln1, &t)?.reshape((n * l, d))?;
             let heads = |w: &Var, bias: &Var| -> Result<Tensor> {
-                linear(&y, w, bias)?.reshape((n, l, h, dh))?.transpose(1, 2)?.contiguous()
+                linear(&y, &t(w), &t(bias))?.reshape((n, l, h, dh))
             };
             let q = heads(&b.wq, &b.bq)?;
             let mut k = heads(&b.wk, &b.bk)?;
             let mut v = heads(&b.wv, &b.bv)?;
             if let Some(p) = past {
                 let (pk, pv) = &p[i];
-                if pk.dim(2)? != start {
+                if pk.dim(1)? != start {
                     candle_core::bail!(
                         "the cache holds {} positions, the forward starts at {start}",
-                        pk.dim(2)?
+                        pk.dim(1)?
                     );
                 }
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
             }
-            let mut att = (q.matmul(&k.t()?)? * scale)?;
-            if let Some(m) = &mask {
-                att = att.broadcast_add(m)?;
-            }
-            let att = softmax_last(&att)?;
-            let o = att.matmul(&v)?.transpose(1, 2)?.reshape((n * l, d))?;
-            x = (x + linear(&o, &b.wo, &b.bo)?.reshape((n, l, d))?)?;
-            let y = layer_norm(&x, &b.ln2)?.reshape((n * l, d))?;
-            let y = linear(&gelu(&linear(&y, &b.w1, &b.b1)?)?, &b.w2, &b.b2)?;
+            // Query i (position start + i) sees keys 0..=start + i.
+            let o = fused::causal_attention(&q, &k, &v, scale)?.reshape((n * l, d))?;
+            x = (x + linear(&o, &t(&b.wo), &t(&b.bo))?.reshape((n, l, d))?)?;
+            let y = layer_norm(&x, &b.ln2, &t)?.reshape((n * l, d))?;
+            let y = fused::bias_gelu(&y.matmul(&t(&b.w1))?, &t(&b.b1))?;
+            let y = linear(&y, &t(&b.w2), &t(&b.b2))?;
             x = (x + y.reshape((n, l, d))?)?;
             cache.push((k, v));
         }
-        let x = layer_norm(&x, &self.lnf)?.reshape((n * l, d))?;
-        let logits = linear(&x, &self.head_w, &self.head_b)?.reshape((n, l, c.vocab))?;
-        Ok((log_softmax_last(&logits)?, cache))
+        let x = layer_norm(&x, &self.lnf, &t)?.reshape((n * l, d))?;
+        let logits = linear(&x, &t(&self.head_w), &t(&self.head_b))?.reshape((n, l, c.vocab))?;
+        Ok((fused::log_softmax(&logits)?, cache))
     }
 
     /// Log-probabilities `[B G, H, V]` at the `H` answer positions of the sequences
@@ -483,82 +486,14 @@ impl Init {
 }
 
 /// `x W + b` for `x [M, in]`.
-fn linear(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
-    x.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    fused::add_bias(&x.matmul(w)?, b)
 }
 
-/// LayerNorm over the last dimension with scale and offset.
-fn layer_norm(x: &Tensor, (g, b): &(Var, Var)) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xc.broadcast_div(&(var + LN_EPS)?.sqrt()?)?;
-    xn.broadcast_mul(g.as_tensor())?.broadcast_add(b.as_tensor())
-}
-
-/// Flax's default GELU, the tanh approximation
-/// `gelu(x) = x/2 (1 + tanh(c (x + a x^3)))`, `c = sqrt(2/pi)`, `a = 0.044715`, as one candle op
-/// with a one-pass backward `gelu'(x) = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)`,
-/// `t = tanh(c (x + a x^3))` (candle's own `gelu` backward builds it from eight tensor ops, two
-/// of them `powf`: a fifth of a training step). Computed in `f64`, rounded once to the dtype.
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(GeluTanh)
-}
-
-const GELU_C: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
-const GELU_A: f64 = 0.044_715;
-
-fn gelu_f(x: f64) -> f64 {
-    0.5 * x * (1.0 + (GELU_C * (x + GELU_A * x * x * x)).tanh())
-}
-
-fn gelu_df(x: f64) -> f64 {
-    let t = (GELU_C * (x + GELU_A * x * x * x)).tanh();
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * x * x)
-}
-
-struct GeluTanh;
-
-impl CustomOp1 for GeluTanh {
-    fn name(&self) -> &'static str {
-        "gelu-tanh"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("gelu: the input must be contiguous");
-        };
-        let out = match s {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(v[a..b].iter().map(|&x| gelu_f(f64::from(x)) as f32).collect())
-            }
-            CpuStorage::F64(v) => CpuStorage::F64(v[a..b].iter().map(|&x| gelu_f(x)).collect()),
-            _ => candle_core::bail!("gelu: f32 or f64 only"),
-        };
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        let x = arg.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        let d: Vec<f64> = x.iter().zip(&g).map(|(&x, &g)| g * gelu_df(x)).collect();
-        Tensor::from_vec(d, arg.shape(), arg.device())?.to_dtype(arg.dtype()).map(Some)
-    }
-}
-
-/// Softmax over the last dimension (the shift by the row maximum is a constant: it cancels).
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// Log-softmax over the last dimension.
-fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1)?.detach();
-    let s = x.broadcast_sub(&m)?;
-    let lse = s.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    s.broadcast_sub(&lse)
+/// LayerNorm over the last dimension with scale and offset ([`fused::layer_norm`]).
+/// (`t` gives a parameter's tensor, tracked or detached.)
+fn layer_norm(x: &Tensor, (g, b): &(Var, Var), t: &dyn Fn(&Var) -> Tensor) -> Result<Tensor> {
+    fused::layer_norm(x, &t(g), &t(b), LN_EPS)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -633,7 +568,7 @@ impl Trainer {
         let (b, h, v) = (self.cfg.batch, self.cfg.length, self.cfg.vocab);
         let n = b * rep;
         let pt = Tensor::from_vec(prompts.to_vec(), (b, h), &Device::Cpu)?;
-        let (lp, mut kv) = self.model.forward(&pt, 0, None)?;
+        let (lp, mut kv) = self.model.forward_with(&pt, 0, None, false)?;
         let mut last = lp.narrow(1, h - 1, 1)?.contiguous()?.detach();
         if rep > 1 {
             let idx = repeat_index(b, rep)?;
@@ -665,7 +600,7 @@ impl Trainer {
             }
             if t + 1 < h {
                 let nt = Tensor::from_vec(next, (n, 1), &Device::Cpu)?;
-                let (lp, kv2) = self.model.forward(&nt, h + t, Some(&kv))?;
+                let (lp, kv2) = self.model.forward_with(&nt, h + t, Some(&kv), false)?;
                 last = lp.detach();
                 kv = kv2.into_iter().map(|(k, v)| (k.detach(), v.detach())).collect();
             }

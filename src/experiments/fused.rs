@@ -1,0 +1,1018 @@
+//! Fused CPU candle ops for the token-reversal transformer (feature `candle`), each one pass over
+//! its data with a hand-written one-pass backward, in place of the chains of candle tensor ops
+//! they replace (each of which is a separate pass that allocates a fresh buffer):
+//!
+//! * [`layer_norm`]: `y = gamma (x - mu) / sqrt(var + eps) + beta` over the last dimension;
+//! * [`causal_attention`]: `softmax(scale q k^T + causal mask) v` per head, keys and values of
+//!   earlier positions (a key/value cache) included;
+//! * [`log_softmax`]: `x - log sum exp x` over the last dimension;
+//! * [`gelu`]: the tanh-approximated GELU, and [`bias_gelu`]: `gelu(x + b)`;
+//! * [`add_bias`]: `x + b` with `b` broadcast over the leading dimensions of `x` (candle's
+//!   backward of a broadcast add sums the gradient with a strided reduction, a tenth of a PPO
+//!   step).
+//!
+//! Each has its composite candle form beside it (`*_composite`), which the tests compare it with
+//! (values and gradients, `f32` and `f64`). Sums are accumulated in `f64` in a fixed order on one
+//! thread and rounded once to the tensor's dtype (`f32` or `f64`), so the results are the same
+//! bits run to run and for any thread count; they are close to, not bit-identical with, the
+//! composite forms' (which round every intermediate to the dtype). CPU tensors only.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, D,
+};
+
+/// `f32` or `f64`: the dtypes these ops compute in.
+trait Real: WithDType + Copy {
+    fn f(self) -> f64;
+    fn of(x: f64) -> Self;
+}
+
+impl Real for f32 {
+    fn f(self) -> f64 {
+        f64::from(self)
+    }
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+}
+
+impl Real for f64 {
+    fn f(self) -> f64 {
+        self
+    }
+    fn of(x: f64) -> Self {
+        x
+    }
+}
+
+/// The contiguous data of a CPU storage.
+fn data<'a, T: Real>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: the inputs must be contiguous");
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
+/// A contiguous CPU tensor's data, read in place under its storage's read lock.
+struct View {
+    t: Tensor,
+}
+
+impl View {
+    fn new(t: &Tensor) -> Result<Self> {
+        Ok(Self { t: t.contiguous()? })
+    }
+
+    fn with<T: Real, R>(&self, op: &str, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+        let (st, l) = self.t.storage_and_layout();
+        match &*st {
+            Storage::Cpu(s) => f(data::<T>(s, l, op)?),
+            _ => candle_core::bail!("{op}: CPU tensors only"),
+        }
+    }
+}
+
+/// Whether a gradient may flow back to one of `ts` (then an op keeps what its backward needs).
+fn tracked(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+fn to_tensor<T: Real>(v: Vec<T>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
+}
+
+fn float_only(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: f32 or f64 tensors only"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm.
+
+/// LayerNorm over the last dimension `d` of `x` (any shape `[.., d]`) with scale `gamma [d]` and
+/// offset `beta [d]`: per row, `mu = mean x`, `var = mean (x - mu)^2`,
+/// `y = gamma (x - mu) / sqrt(var + eps) + beta`, as one op. Backward (per row, `r = 1/sqrt(var +
+/// eps)`, `xh = (x - mu) r`, `u = gamma dy`): `dx = r (u - mean u - xh mean(u xh))`,
+/// `dgamma = sum_rows dy xh`, `dbeta = sum_rows dy`.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if gamma.dims() != [d] || beta.dims() != [d] {
+        candle_core::bail!(
+            "layer_norm: gamma {:?} and beta {:?} must be [{d}], the last dimension of x",
+            gamma.dims(),
+            beta.dims()
+        );
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        candle_core::bail!("layer_norm: eps must be finite and >= 0, got {eps}");
+    }
+    x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        LayerNorm { eps, save: tracked(&[x, gamma, beta]), saved: OnceLock::new() },
+    )
+}
+
+/// The composite candle form of [`layer_norm`] (mean, centre, variance, divide, scale, shift).
+pub fn layer_norm_composite(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.broadcast_mul(gamma)?.broadcast_add(beta)
+}
+
+struct LayerNorm {
+    eps: f64,
+    /// Whether a backward may follow (an input is tracked).
+    save: bool,
+    /// The forward's normalised input and scales, for the backward.
+    saved: OnceLock<LnSaved>,
+}
+
+/// `xh = (x - mu) r` per element and `r = 1/sqrt(var + eps)` per row, in `f64`.
+struct LnSaved {
+    xh: Vec<f64>,
+    r: Vec<f64>,
+}
+
+/// Per row: mean and `1/sqrt(var + eps)`.
+fn row_stats<T: Real>(row: &[T], eps: f64) -> (f64, f64) {
+    let d = row.len() as f64;
+    let mu = row.iter().map(|&v| v.f()).sum::<f64>() / d;
+    let var = row.iter().map(|&v| (v.f() - mu) * (v.f() - mu)).sum::<f64>() / d;
+    (mu, 1.0 / (var + eps).sqrt())
+}
+
+/// The output and the forward's `xh` and per-row `r` ([`LnSaved`]; empty without `save`). Blocks
+/// of [`ROWS`] rows in parallel.
+fn ln_fwd<T: Real>(x: &[T], g: &[T], b: &[T], eps: f64, save: bool) -> (Vec<T>, LnSaved) {
+    let d = g.len().max(1);
+    let rows = x.len() / d;
+    let mut y = vec![T::of(0.0); x.len()];
+    let mut xh = vec![0.0f64; if save { x.len() } else { 0 }];
+    let mut r = vec![0.0f64; if save { rows } else { 0 }];
+    let one = |xs: &[T], ys: &mut [T], hs: &mut [f64], rs: &mut [f64]| {
+        for (ri, (row, yr)) in xs.chunks_exact(d).zip(ys.chunks_exact_mut(d)).enumerate() {
+            let (mu, rr) = row_stats(row, eps);
+            for (j, ((&v, &gj), &bj)) in row.iter().zip(g).zip(b).enumerate() {
+                let h = (v.f() - mu) * rr;
+                if save {
+                    hs[ri * d + j] = h;
+                }
+                yr[j] = T::of(gj.f() * h + bj.f());
+            }
+            if save {
+                rs[ri] = rr;
+            }
+        }
+    };
+    if save {
+        x.par_chunks(ROWS * d)
+            .zip(y.par_chunks_mut(ROWS * d))
+            .zip(xh.par_chunks_mut(ROWS * d))
+            .zip(r.par_chunks_mut(ROWS))
+            .with_min_len(min_len())
+            .for_each(|(((xs, ys), hs), rs)| one(xs, ys, hs, rs));
+    } else {
+        x.par_chunks(ROWS * d)
+            .zip(y.par_chunks_mut(ROWS * d))
+            .with_min_len(min_len())
+            .for_each(|(xs, ys)| one(xs, ys, &mut [], &mut []));
+    }
+    (y, LnSaved { xh, r })
+}
+
+/// `(dx, dgamma, dbeta)` from the forward's [`LnSaved`]. Blocks of [`ROWS`] rows in parallel.
+fn ln_bwd<T: Real>(saved: &LnSaved, g: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let d = g.len().max(1);
+    let mut dx = vec![T::of(0.0); dy.len()];
+    let parts: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(ROWS * d)
+        .zip(saved.xh.par_chunks(ROWS * d))
+        .zip(dy.par_chunks(ROWS * d))
+        .zip(saved.r.par_chunks(ROWS))
+        .with_min_len(min_len())
+        .map(|(((dxs, hs), gs), rs)| {
+            let mut dg = vec![0.0f64; d];
+            let mut db = vec![0.0f64; d];
+            let mut u = vec![0.0f64; d];
+            for (((dxr, xh), dyr), &r) in
+                dxs.chunks_exact_mut(d).zip(hs.chunks_exact(d)).zip(gs.chunks_exact(d)).zip(rs)
+            {
+                let (mut su, mut sux) = (0.0, 0.0);
+                for j in 0..d {
+                    let dyj = dyr[j].f();
+                    u[j] = g[j].f() * dyj;
+                    su += u[j];
+                    sux += u[j] * xh[j];
+                    dg[j] += dyj * xh[j];
+                    db[j] += dyj;
+                }
+                let (mu_u, mu_ux) = (su / d as f64, sux / d as f64);
+                for j in 0..d {
+                    dxr[j] = T::of(r * (u[j] - mu_u - xh[j] * mu_ux));
+                }
+            }
+            (dg, db)
+        })
+        .collect();
+    let (dgs, dbs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    let r = |v: Vec<f64>| v.into_iter().map(T::of).collect();
+    (dx, r(column_sums(dgs, d)), r(column_sums(dbs, d)))
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = self.name();
+        let (out, saved) = match s1 {
+            CpuStorage::F32(_) => {
+                let (y, sv) =
+                    ln_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, self.eps, self.save);
+                (CpuStorage::F32(y), sv)
+            }
+            CpuStorage::F64(_) => {
+                let (y, sv) =
+                    ln_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?, data(s3, l3, n)?, self.eps, self.save);
+                (CpuStorage::F64(y), sv)
+            }
+            _ => return Err(float_only(n)),
+        };
+        if self.save {
+            let _ = self.saved.set(saved);
+        }
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = self.name();
+        let Some(saved) = self.saved.get() else {
+            candle_core::bail!("{n}: backward before forward");
+        };
+        let (vg, vd) = (View::new(gamma)?, View::new(grad)?);
+        fn go<T: Real>(
+            n: &str,
+            saved: &LnSaved,
+            vg: &View,
+            vd: &View,
+            xs: &Shape,
+            gs: &Shape,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let (dx, dg, db) = vg.with::<T, _>(n, |g| vd.with::<T, _>(n, |dy| Ok(ln_bwd(saved, g, dy))))?;
+            Ok((Some(to_tensor(dx, xs)?), Some(to_tensor(dg, gs)?), Some(to_tensor(db, gs)?)))
+        }
+        match x.dtype() {
+            DType::F32 => go::<f32>(n, saved, &vg, &vd, x.shape(), gamma.shape()),
+            DType::F64 => go::<f64>(n, saved, &vg, &vd, x.shape(), gamma.shape()),
+            _ => Err(float_only(n)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal multi-head attention.
+
+/// Causal multi-head attention as one op: `q [N, L, heads, dh]`, keys and values
+/// `k, v [N, Lk, heads, dh]` with `Lk >= L` (the queries are the last `L` of the `Lk` positions;
+/// the first `Lk - L` keys and values come from a cache); per sequence and head, query `i` sees
+/// keys `j <= i + Lk - L`: `p_ij = softmax_j(scale q_i . k_j)`, `o_i = sum_j p_ij v_j`; the output
+/// is `[N, L, heads, dh]`. Backward (`do` the output's gradient): `dv_j = sum_i p_ij do_i`,
+/// `ds_ij = p_ij (do_i . v_j - do_i . o_i)`, `dq_i = scale sum_j ds_ij k_j`,
+/// `dk_j = scale sum_i ds_ij q_i`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (n, l, h, dh) = q.dims4()?;
+    let (nk, lk, hk, dhk) = k.dims4()?;
+    if (nk, hk, dhk) != (n, h, dh) || v.dims() != k.dims() || lk < l {
+        candle_core::bail!(
+            "causal_attention: q {:?}, k {:?}, v {:?} do not fit (want q [N, L, heads, dh], k = v [N, Lk >= L, heads, dh])",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if !scale.is_finite() {
+        candle_core::bail!("causal_attention: the scale must be finite, got {scale}");
+    }
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention { scale, save: tracked(&[q, k, v]), probs: OnceLock::new() },
+    )
+}
+
+/// The composite candle form of [`causal_attention`] (heads to the front, `q k^T`, scale, an
+/// additive `-inf` mask, softmax, `p v`, heads back).
+pub fn causal_attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, l, _, _) = q.dims4()?;
+    let lk = k.dim(1)?;
+    let q = q.transpose(1, 2)?.contiguous()?;
+    let k = k.transpose(1, 2)?.contiguous()?;
+    let v = v.transpose(1, 2)?.contiguous()?;
+    let mut att = (q.matmul(&k.t()?)? * scale)?;
+    if l > 1 {
+        let off = lk - l;
+        let m: Vec<f64> = (0..l)
+            .flat_map(|i| (0..lk).map(move |j| if j <= off + i { 0.0 } else { f64::NEG_INFINITY }))
+            .collect();
+        let m = Tensor::from_vec(m, (l, lk), q.device())?.to_dtype(q.dtype())?;
+        att = att.broadcast_add(&m)?;
+    }
+    let mx = att.max_keepdim(D::Minus1)?.detach();
+    let e = att.broadcast_sub(&mx)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    p.matmul(&v)?.transpose(1, 2)?.contiguous()
+}
+
+struct Attention {
+    scale: f64,
+    /// Whether a backward may follow (an input is tracked).
+    save: bool,
+    /// The forward's probabilities, `[N, L, heads, Lk]` (0 beyond the causal limit), for the
+    /// backward.
+    probs: OnceLock<Vec<f64>>,
+}
+
+#[derive(Clone, Copy)]
+struct AttShape {
+    n: usize,
+    l: usize,
+    lk: usize,
+    h: usize,
+    dh: usize,
+}
+
+impl AttShape {
+    fn of(q: &Shape, k: &Shape) -> Result<Self> {
+        let (n, l, h, dh) = q.dims4()?;
+        let lk = k.dims4()?.1;
+        Ok(Self { n, l, lk, h, dh })
+    }
+    /// Offset of row `t` (position) of sequence `b`, head `hh`, in a `[N, T, heads, dh]` tensor.
+    fn at(&self, t_len: usize, b: usize, t: usize, hh: usize) -> usize {
+        ((b * t_len + t) * self.h + hh) * self.dh
+    }
+}
+
+fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x.f() * y.f()).sum()
+}
+
+/// The probabilities `p[0..=last]` of query row `qi` against keys `0..=last` (in `p`).
+#[allow(clippy::too_many_arguments)] // the sequence, head and row that the indices name
+fn att_probs<T: Real>(
+    qi: &[T],
+    k: &[T],
+    s: AttShape,
+    b: usize,
+    hh: usize,
+    last: usize,
+    scale: f64,
+    p: &mut [f64],
+) {
+    let mut m = f64::NEG_INFINITY;
+    for (j, pj) in p.iter_mut().enumerate().take(last + 1) {
+        let o = s.at(s.lk, b, j, hh);
+        *pj = scale * dot(qi, &k[o..o + s.dh]);
+        m = m.max(*pj);
+    }
+    let mut z = 0.0;
+    for pj in p.iter_mut().take(last + 1) {
+        *pj = (*pj - m).exp();
+        z += *pj;
+    }
+    for pj in p.iter_mut().take(last + 1) {
+        *pj /= z;
+    }
+}
+
+/// The output and the probabilities `[N, L, heads, Lk]`. Sequences in parallel (each one's
+/// arithmetic is the same on any thread).
+/// (Without `save`, the probabilities of one row at a time, returned empty.)
+fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64, save: bool) -> (Vec<T>, Vec<f64>) {
+    let mut out = vec![T::of(0.0); q.len()];
+    let mut probs = vec![0.0f64; if save { s.n * s.l * s.h * s.lk } else { 0 }];
+    let off = s.lk - s.l;
+    let per_q = s.l * s.h * s.dh;
+    let per_p = s.l * s.h * s.lk;
+    let one = |b: usize, out: &mut [T], probs: &mut [f64]| {
+        let mut acc = vec![0.0f64; s.dh];
+        let mut scratch = vec![0.0f64; s.lk];
+        for i in 0..s.l {
+            for hh in 0..s.h {
+                let oq = s.at(s.l, b, i, hh);
+                let last = i + off;
+                let p = if save {
+                    let op = (i * s.h + hh) * s.lk;
+                    &mut probs[op..op + s.lk]
+                } else {
+                    &mut scratch[..]
+                };
+                att_probs(&q[oq..oq + s.dh], k, s, b, hh, last, scale, p);
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for (j, &pj) in p.iter().enumerate().take(last + 1) {
+                    let ov = s.at(s.lk, b, j, hh);
+                    for (a, &vv) in acc.iter_mut().zip(&v[ov..ov + s.dh]) {
+                        *a += pj * vv.f();
+                    }
+                }
+                let oo = oq - b * per_q;
+                for (o, &a) in out[oo..oo + s.dh].iter_mut().zip(&acc) {
+                    *o = T::of(a);
+                }
+            }
+        }
+    };
+    if save {
+        out.par_chunks_mut(per_q.max(1))
+            .zip(probs.par_chunks_mut(per_p.max(1)))
+            .enumerate()
+            .with_min_len(min_len())
+            .for_each(|(b, (o, p))| one(b, o, p));
+    } else {
+        out.par_chunks_mut(per_q.max(1))
+            .enumerate()
+            .with_min_len(min_len())
+            .for_each(|(b, o)| one(b, o, &mut []));
+    }
+    (out, probs)
+}
+
+/// `(dq, dk, dv)` from the forward's probabilities `probs` ([`att_fwd`]). Sequences in parallel
+/// (a sequence's keys and values get gradients from its own queries only).
+fn att_bwd<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dout: &[T],
+    probs: &[f64],
+    s: AttShape,
+    scale: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let per_q = s.l * s.h * s.dh;
+    let per_k = s.lk * s.h * s.dh;
+    let mut dq = vec![T::of(0.0); q.len()];
+    let mut dk = vec![T::of(0.0); k.len()];
+    let mut dv = vec![T::of(0.0); v.len()];
+    let off = s.lk - s.l;
+    let one = |b: usize, dq_out: &mut [T], dk_out: &mut [T], dv_out: &mut [T]| {
+        let mut dq = vec![0.0f64; per_q];
+        let mut dk = vec![0.0f64; per_k];
+        let mut dv = vec![0.0f64; per_k];
+        let mut dp = vec![0.0f64; s.lk];
+        for i in 0..s.l {
+            for hh in 0..s.h {
+                let oq = s.at(s.l, b, i, hh);
+                let lq = oq - b * per_q;
+                let last = i + off;
+                let qi = &q[oq..oq + s.dh];
+                let doi = &dout[oq..oq + s.dh];
+                let op = ((b * s.l + i) * s.h + hh) * s.lk;
+                let p = &probs[op..op + s.lk];
+                // dp_ij = do_i . v_j; sum_j p_ij dp_ij = do_i . o_i.
+                let mut pdp = 0.0;
+                for j in 0..=last {
+                    let ov = s.at(s.lk, b, j, hh);
+                    let lv = ov - b * per_k;
+                    dp[j] = dot(doi, &v[ov..ov + s.dh]);
+                    pdp += p[j] * dp[j];
+                    for (g, &d) in dv[lv..lv + s.dh].iter_mut().zip(doi) {
+                        *g += p[j] * d.f();
+                    }
+                }
+                for j in 0..=last {
+                    let ds = scale * p[j] * (dp[j] - pdp);
+                    let ok = s.at(s.lk, b, j, hh);
+                    let lk = ok - b * per_k;
+                    for (g, &kk) in dq[lq..lq + s.dh].iter_mut().zip(&k[ok..ok + s.dh]) {
+                        *g += ds * kk.f();
+                    }
+                    for (g, &qq) in dk[lk..lk + s.dh].iter_mut().zip(qi) {
+                        *g += ds * qq.f();
+                    }
+                }
+            }
+        }
+        for (o, &g) in dq_out.iter_mut().zip(&dq) {
+            *o = T::of(g);
+        }
+        for (o, &g) in dk_out.iter_mut().zip(&dk) {
+            *o = T::of(g);
+        }
+        for (o, &g) in dv_out.iter_mut().zip(&dv) {
+            *o = T::of(g);
+        }
+    };
+    dq.par_chunks_mut(per_q.max(1))
+        .zip(dk.par_chunks_mut(per_k.max(1)))
+        .zip(dv.par_chunks_mut(per_k.max(1)))
+        .enumerate()
+        .with_min_len(min_len())
+        .for_each(|(b, ((a, c), d))| one(b, a, c, d));
+    (dq, dk, dv)
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = self.name();
+        let s = AttShape::of(l1.shape(), l2.shape())?;
+        let out = match s1 {
+            CpuStorage::F32(_) => {
+                let (o, p) = att_fwd::<f32>(
+                    data(s1, l1, n)?,
+                    data(s2, l2, n)?,
+                    data(s3, l3, n)?,
+                    s,
+                    self.scale,
+                    self.save,
+                );
+                (CpuStorage::F32(o), p)
+            }
+            CpuStorage::F64(_) => {
+                let (o, p) = att_fwd::<f64>(
+                    data(s1, l1, n)?,
+                    data(s2, l2, n)?,
+                    data(s3, l3, n)?,
+                    s,
+                    self.scale,
+                    self.save,
+                );
+                (CpuStorage::F64(o), p)
+            }
+            _ => return Err(float_only(n)),
+        };
+        let (out, probs) = out;
+        // A second forward of the same op (none in candle) would keep the first's probabilities.
+        if self.save {
+            let _ = self.probs.set(probs);
+        }
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = self.name();
+        let s = AttShape::of(q.shape(), k.shape())?;
+        let Some(probs) = self.probs.get() else {
+            candle_core::bail!("{n}: backward before forward");
+        };
+        let views = [View::new(q)?, View::new(k)?, View::new(v)?, View::new(grad)?];
+        fn go<T: Real>(
+            n: &str,
+            w: &[View; 4],
+            probs: &[f64],
+            s: AttShape,
+            scale: f64,
+            qs: &Shape,
+            ks: &Shape,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let (dq, dk, dv) = w[0].with::<T, _>(n, |q| {
+                w[1].with::<T, _>(n, |k| {
+                    w[2].with::<T, _>(n, |v| {
+                        w[3].with::<T, _>(n, |g| Ok(att_bwd(q, k, v, g, probs, s, scale)))
+                    })
+                })
+            })?;
+            Ok((Some(to_tensor(dq, qs)?), Some(to_tensor(dk, ks)?), Some(to_tensor(dv, ks)?)))
+        }
+        match q.dtype() {
+            DType::F32 => go::<f32>(n, &views, probs, s, self.scale, q.shape(), k.shape()),
+            DType::F64 => go::<f64>(n, &views, probs, s, self.scale, q.shape(), k.shape()),
+            _ => Err(float_only(n)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log-softmax.
+
+/// Log-softmax over the last dimension, as one op: `y_i = x_i - m - log sum_j exp(x_j - m)`,
+/// `m = max_j x_j`. Backward: `dx_i = dy_i - exp(y_i) sum_j dy_j`.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(LogSoftmax)
+}
+
+/// The composite candle form of [`log_softmax`] (max, shift, exp, sum, log, subtract).
+pub fn log_softmax_composite(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let s = x.broadcast_sub(&m)?;
+    let lse = s.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    s.broadcast_sub(&lse)
+}
+
+struct LogSoftmax;
+
+fn lsm_fwd<T: Real>(x: &[T], d: usize) -> Vec<T> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(d) {
+        let m = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.f()));
+        let ls = row.iter().map(|&v| (v.f() - m).exp()).sum::<f64>().ln();
+        y.extend(row.iter().map(|&v| T::of((v.f() - m) - ls)));
+    }
+    y
+}
+
+fn lsm_bwd<T: Real>(y: &[T], dy: &[T], d: usize) -> Vec<T> {
+    let mut dx = Vec::with_capacity(y.len());
+    for (yr, gr) in y.chunks_exact(d).zip(dy.chunks_exact(d)) {
+        let sg: f64 = gr.iter().map(|&g| g.f()).sum();
+        dx.extend(yr.iter().zip(gr).map(|(&y, &g)| T::of(g.f() - y.f().exp() * sg)));
+    }
+    dx
+}
+
+impl CustomOp1 for LogSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-log-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = self.name();
+        let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(lsm_fwd::<f32>(data(s, l, n)?, d)),
+            CpuStorage::F64(_) => CpuStorage::F64(lsm_fwd::<f64>(data(s, l, n)?, d)),
+            _ => return Err(float_only(n)),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let n = self.name();
+        let d = arg.dims().last().copied().unwrap_or(1).max(1);
+        let (vy, vg) = (View::new(res)?, View::new(grad)?);
+        let dx = match arg.dtype() {
+            DType::F32 => to_tensor(
+                vy.with::<f32, _>(n, |y| vg.with::<f32, _>(n, |g| Ok(lsm_bwd(y, g, d))))?,
+                arg.shape(),
+            )?,
+            DType::F64 => to_tensor(
+                vy.with::<f64, _>(n, |y| vg.with::<f64, _>(n, |g| Ok(lsm_bwd(y, g, d))))?,
+                arg.shape(),
+            )?,
+            _ => return Err(float_only(n)),
+        };
+        Ok(Some(dx))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU.
+
+/// Flax's default GELU, the tanh approximation `gelu(x) = x/2 (1 + tanh(u))`,
+/// `u = c (x + a x^3)`, `c = sqrt(2/pi)`, `a = 0.044715`, as one op, computed through the
+/// identity `(1 + tanh u)/2 = sigma(2u)` (`sigma` the logistic function; one `exp` instead of a
+/// `tanh`): `gelu(x) = x sigma(2u)`. Backward `gelu'(x) = sigma(2u) + 2 x sigma(2u) (1 -
+/// sigma(2u)) c (1 + 3 a x^2)` (the same as `(1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)`,
+/// `t = tanh u`). Computed in `f64`, rounded once to the dtype.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(GeluTanh)
+}
+
+/// The composite candle form of [`gelu`]: `x/2 (1 + tanh(c (x + a x^3)))` from candle's tensor
+/// ops, differentiated by candle (candle's own `gelu` has the same forward but a backward with
+/// six-digit constants).
+pub fn gelu_composite(x: &Tensor) -> Result<Tensor> {
+    let u = ((x + (x.sqr()? * x)?.affine(GELU_A, 0.0)?)? * GELU_C)?;
+    (x * 0.5)? * (u.tanh()? + 1.0)?
+}
+
+const GELU_C: f64 = 0.797_884_560_802_865_4; // sqrt(2 / pi)
+const GELU_A: f64 = 0.044_715;
+
+/// `sigma(2u)`, `u = c (x + a x^3)`.
+fn gelu_sig(x: f64) -> f64 {
+    1.0 / (1.0 + (-2.0 * GELU_C * (x + GELU_A * x * x * x)).exp())
+}
+
+fn gelu_f(x: f64) -> f64 {
+    x * gelu_sig(x)
+}
+
+fn gelu_df(x: f64) -> f64 {
+    let s = gelu_sig(x);
+    s + 2.0 * x * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * GELU_A * x * x)
+}
+
+struct GeluTanh;
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = self.name();
+        let out = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(data::<f32>(s, l, n)?.iter().map(|&x| gelu_f(x.f()) as f32).collect())
+            }
+            CpuStorage::F64(_) => CpuStorage::F64(data::<f64>(s, l, n)?.iter().map(|&x| gelu_f(x)).collect()),
+            _ => return Err(float_only(n)),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let n = self.name();
+        let (vx, vg) = (View::new(arg)?, View::new(grad)?);
+        fn go<T: Real>(vx: &View, vg: &View, n: &str, shape: &Shape) -> Result<Tensor> {
+            let d = vx.with::<T, _>(n, |x| {
+                vg.with::<T, _>(n, |g| {
+                    Ok(x.iter().zip(g).map(|(&x, &g)| T::of(g.f() * gelu_df(x.f()))).collect())
+                })
+            })?;
+            to_tensor::<T>(d, shape)
+        }
+        let d = match arg.dtype() {
+            DType::F32 => go::<f32>(&vx, &vg, n, arg.shape())?,
+            DType::F64 => go::<f64>(&vx, &vg, n, arg.shape())?,
+            _ => return Err(float_only(n)),
+        };
+        Ok(Some(d))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias add.
+
+/// `y = x + b` where `b`'s shape is the trailing dimensions of `x`'s (a bias `[d]` for `x [.., d]`,
+/// position embeddings `[L, d]` for `x [N, L, d]`), as one op. Backward: `dx = dy`,
+/// `db = sum over the leading indices of dy` (row by row, in order).
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (xd, bd) = (x.dims(), b.dims());
+    if bd.len() > xd.len() || xd[xd.len() - bd.len()..] != *bd {
+        candle_core::bail!("add_bias: b {bd:?} must be the trailing dimensions of x {xd:?}");
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
+}
+
+/// The composite candle form of [`add_bias`] (`broadcast_add`).
+pub fn add_bias_composite(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.broadcast_add(b)
+}
+
+struct AddBias;
+
+fn bias_fwd<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(b.len().max(1)) {
+        y.extend(row.iter().zip(b).map(|(&x, &b)| T::of(x.f() + b.f())));
+    }
+    y
+}
+
+fn bias_bwd<T: Real>(dy: &[T], m: usize) -> Vec<T> {
+    let mut db = vec![0.0f64; m];
+    for row in dy.chunks_exact(m.max(1)) {
+        for (a, &g) in db.iter_mut().zip(row) {
+            *a += g.f();
+        }
+    }
+    db.into_iter().map(T::of).collect()
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "fused-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = self.name();
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(bias_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(bias_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?)),
+            _ => return Err(float_only(n)),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = self.name();
+        let vg = View::new(grad)?;
+        let m = b.elem_count();
+        let db = match b.dtype() {
+            DType::F32 => to_tensor(vg.with::<f32, _>(n, |g| Ok(bias_bwd(g, m)))?, b.shape())?,
+            DType::F64 => to_tensor(vg.with::<f64, _>(n, |g| Ok(bias_bwd(g, m)))?, b.shape())?,
+            _ => return Err(float_only(n)),
+        };
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bias add and GELU.
+
+/// `y = gelu(x + b)` ([`gelu`]) for `x [.., d]` and a bias `b [d]`, as one op. Backward, with
+/// `z = x + b`: `dx = dy gelu'(z)`, `db = sum over the rows of dx`; the forward keeps `gelu'(z)`
+/// (rounded to the dtype) for it when an input is tracked.
+pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if b.dims() != [d] {
+        candle_core::bail!("bias_gelu: b {:?} must be [{d}], the last dimension of x", b.dims());
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, BiasGelu { save: tracked(&[x, b]), deriv: OnceLock::new() })
+}
+
+/// The composite candle form of [`bias_gelu`]: [`gelu_composite`] of `broadcast_add`.
+pub fn bias_gelu_composite(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    gelu_composite(&x.broadcast_add(b)?)
+}
+
+struct BiasGelu {
+    /// Whether a backward may follow (an input is tracked).
+    save: bool,
+    /// `gelu'(x + b)` of the forward (in the dtype), for the backward.
+    deriv: OnceLock<CpuStorage>,
+}
+
+/// The least number of blocks a rayon task takes: 1 (split freely) in a pool of several threads;
+/// everything (no split, so the work stays on the calling thread) in a pool of one, as when
+/// `tpo reproduce reversal` runs one job per core and each job's thread calls these ops: one
+/// shared pool thread would serialise them. The blocks and their order are the same either way.
+fn min_len() -> usize {
+    if rayon::current_num_threads() > 1 {
+        1
+    } else {
+        usize::MAX
+    }
+}
+
+/// Rows per parallel block of the row-wise ops: fixed, so that the sums over rows (added block by
+/// block, in order) do not depend on the thread count.
+const ROWS: usize = 64;
+
+/// The sums over the rows of `[rows, d]` data, block by block (blocks of [`ROWS`] rows summed in
+/// parallel, then added in order).
+fn column_sums(parts: Vec<Vec<f64>>, d: usize) -> Vec<f64> {
+    let mut sum = vec![0.0f64; d];
+    for p in parts {
+        for (a, b) in sum.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    sum
+}
+
+/// The output and `gelu'(x + b)` (empty without `save`).
+fn bias_gelu_fwd<T: Real>(x: &[T], b: &[T], save: bool) -> (Vec<T>, Vec<T>) {
+    let d = b.len().max(1);
+    let mut y = vec![T::of(0.0); x.len()];
+    let mut dy = vec![T::of(0.0); if save { x.len() } else { 0 }];
+    let one = |xs: &[T], ys: &mut [T], ds: &mut [T]| {
+        for (i, (&x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {
+            let z = x.f() + b[i % d].f();
+            let s = gelu_sig(z);
+            *y = T::of(z * s);
+            if save {
+                ds[i] = T::of(s + 2.0 * z * s * (1.0 - s) * GELU_C * (1.0 + 3.0 * GELU_A * z * z));
+            }
+        }
+    };
+    if save {
+        x.par_chunks(ROWS * d)
+            .zip(y.par_chunks_mut(ROWS * d))
+            .zip(dy.par_chunks_mut(ROWS * d))
+            .with_min_len(min_len())
+            .for_each(|((xs, ys), ds)| one(xs, ys, ds));
+    } else {
+        x.par_chunks(ROWS * d)
+            .zip(y.par_chunks_mut(ROWS * d))
+            .with_min_len(min_len())
+            .for_each(|(xs, ys)| one(xs, ys, &mut []));
+    }
+    (y, dy)
+}
+
+/// `(dx, db)`: `dx = dy gelu'`, `db` its sums over the rows.
+fn bias_gelu_bwd<T: Real>(deriv: &[T], dy: &[T], d: usize) -> (Vec<T>, Vec<T>) {
+    let d = d.max(1);
+    let mut dx = vec![T::of(0.0); dy.len()];
+    let parts: Vec<Vec<f64>> = dx
+        .par_chunks_mut(ROWS * d)
+        .zip(deriv.par_chunks(ROWS * d))
+        .zip(dy.par_chunks(ROWS * d))
+        .with_min_len(min_len())
+        .map(|((dxs, ds), gs)| {
+            let mut db = vec![0.0f64; d];
+            for (i, ((o, &dj), &gj)) in dxs.iter_mut().zip(ds).zip(gs).enumerate() {
+                let g = gj.f() * dj.f();
+                db[i % d] += g;
+                *o = T::of(g);
+            }
+            db
+        })
+        .collect();
+    (dx, column_sums(parts, d).into_iter().map(T::of).collect())
+}
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "fused-bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = self.name();
+        let (out, deriv) = match s1 {
+            CpuStorage::F32(_) => {
+                let (y, d) = bias_gelu_fwd::<f32>(data(s1, l1, n)?, data(s2, l2, n)?, self.save);
+                (CpuStorage::F32(y), CpuStorage::F32(d))
+            }
+            CpuStorage::F64(_) => {
+                let (y, d) = bias_gelu_fwd::<f64>(data(s1, l1, n)?, data(s2, l2, n)?, self.save);
+                (CpuStorage::F64(y), CpuStorage::F64(d))
+            }
+            _ => return Err(float_only(n)),
+        };
+        if self.save {
+            let _ = self.deriv.set(deriv);
+        }
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = self.name();
+        let Some(deriv) = self.deriv.get() else {
+            candle_core::bail!("{n}: backward before forward");
+        };
+        let vg = View::new(grad)?;
+        let d = b.elem_count();
+        let (dx, db) = match x.dtype() {
+            DType::F32 => {
+                let dv = f32::cpu_storage_as_slice(deriv)?;
+                let (dx, db) = vg.with::<f32, _>(n, |g| Ok(bias_gelu_bwd(dv, g, d)))?;
+                (to_tensor(dx, x.shape())?, to_tensor(db, b.shape())?)
+            }
+            DType::F64 => {
+                let dv = f64::cpu_storage_as_slice(deriv)?;
+                let (dx, db) = vg.with::<f64, _>(n, |g| Ok(bias_gelu_bwd(dv, g, d)))?;
+                (to_tensor(dx, x.shape())?, to_tensor(db, b.shape())?)
+            }
+            _ => return Err(float_only(n)),
+        };
+        Ok((Some(dx), Some(db)))
+    }
+}
