@@ -392,6 +392,14 @@ fn figure<DB: DrawingBackend>(
     }];
     lines.push("Dashed grey line: the 1% threshold of “steps to 1% error”.".to_string());
     lines.extend(cl.notes());
+    let cut = stats
+        .iter()
+        .any(|s| s.se.as_ref().is_some_and(|se| s.mean.iter().zip(se).any(|(m, e)| m - e < axis.floor())));
+    if cut {
+        lines.push(
+            "Lower band edges below the bottom of the log axis (or at or below 0) are cut there.".to_string(),
+        );
+    }
     let (_, h) = root.dim_in_pixel();
     let (body, footer) = root.split_vertically(h.saturating_sub(10 + 20 * lines.len() as u32));
     let steps = stats[0].mean.len();
