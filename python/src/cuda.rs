@@ -196,7 +196,6 @@ fn group_call<T: DeviceFloat>(a: &GroupArgs) -> PyResult<()> {
             let q = borrow::<f32>(&tpo, "target", q, "f32")?;
             let mut out = tpo.alloc_fit::<T>(&dl, stats).map_err(value_error)?;
             tpo.fit(&l, &q, &dl, &fcfg, &mut out).map_err(value_error)?;
-            tpo.check(&out.status, &dl).map_err(value_error)?;
             put(&tpo, &a.outs, "target", "f32", 0, &q)?;
             out
         }
@@ -205,7 +204,6 @@ fn group_call<T: DeviceFloat>(a: &GroupArgs) -> PyResult<()> {
             let old = borrow_opt::<T>(&tpo, "logp_old", &a.logp_old, T::SUFFIX)?;
             let mut out = tpo.alloc_fused::<T>(&dl, stats).map_err(value_error)?;
             tpo.target_and_fit(&l, old.as_deref(), &s, &dl, &a.tcfg, &fcfg, &mut out).map_err(value_error)?;
-            tpo.check(&out.fit.status, &dl).map_err(value_error)?;
             put(&tpo, &a.outs, "target", "f32", 0, &out.q)?;
             out.fit
         }
@@ -219,7 +217,9 @@ fn group_call<T: DeviceFloat>(a: &GroupArgs) -> PyResult<()> {
     put(&tpo, &a.outs, "loss", "f32", 0, &fit.loss)?;
     put(&tpo, &a.outs, "grad", T::SUFFIX, 0, &fit.grad)?;
     put_stats(&tpo, &a.outs, &fit)?;
-    tpo.synchronize().map_err(value_error)
+    // The copies are queued first: the status read is the call's one wait on the stream, and it
+    // comes after them (the library's buffers are freed in stream order after it).
+    tpo.check(&fit.status, &dl).map_err(value_error)
 }
 
 /// The token batch of a path call, uploaded once for the call.
@@ -392,10 +392,10 @@ fn logits_call<T: DeviceFloat>(
                 .map_err(value_error)?;
         }
     }
-    tpo.check(&out.tokens.status, &t.seqs).map_err(value_error)?;
-    tpo.check(&out.group.fit.status, &t.groups).map_err(value_error)?;
+    // Copies first, then the status reads, which wait on the stream once (see group_call).
     put_path(&tpo, &a.outs, &out, &inputs)?;
-    tpo.synchronize().map_err(value_error)
+    tpo.check(&out.tokens.status, &t.seqs).map_err(value_error)?;
+    tpo.check(&out.group.fit.status, &t.groups).map_err(value_error)
 }
 
 /// TPO from hidden states `[T, dim]` and the lm_head `[V, dim]` (both bfloat16) on CUDA:
@@ -468,12 +468,12 @@ fn hidden_call(a: &PathArgs, hidden: &Desc, weight: &Desc, dim: usize, budget: u
         fl.tpo_forward_from_hidden(&tpo, &h, &w, &batch, source, &cfg, &mut out).map_err(value_error)?;
     }
     drop(cache);
-    tpo.check(&out.path.tokens.status, &t.seqs).map_err(value_error)?;
-    tpo.check(&out.path.group.fit.status, &t.groups).map_err(value_error)?;
+    // Copies first, then the status reads, which wait on the stream once (see group_call).
     put_path(&tpo, &a.outs, &out.path, &inputs)?;
     put(&tpo, &a.outs, "grad_hidden", "f32", 0, &out.grad_hidden)?;
     put(&tpo, &a.outs, "grad_weight", "f32", 0, &out.grad_weight)?;
-    tpo.synchronize().map_err(value_error)
+    tpo.check(&out.path.tokens.status, &t.seqs).map_err(value_error)?;
+    tpo.check(&out.path.group.fit.status, &t.groups).map_err(value_error)
 }
 
 /// Device memory made by the library itself (not by PyTorch): what the tests borrow on the
