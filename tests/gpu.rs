@@ -1375,6 +1375,29 @@ mod baselines {
         }
     }
 
+    /// DG's gate at any finite `eta > 0`, far past the proptests' `[1e-12, 1e6]`: the gate's
+    /// argument `A (-l_old) / eta` is formed in f64, so a subnormal `eta` (where `1 / eta`
+    /// overflows) or `f64::MAX` still gives the reference's gates; warp and block paths.
+    #[test]
+    fn dg_gate_at_every_finite_eta() {
+        let mut b = seeded_batch(vec![5, 1, 300, 12], 7, 20.0, 0.5);
+        for (i, s) in b.scores.iter_mut().enumerate() {
+            *s += (i as f64 * 0.37).fract() - 0.5;
+        }
+        for eta in [f64::from_bits(1), 1e-300, 1e-40, 1e-12, 1.0, 1e6, 1e40, 1e300, f64::MAX] {
+            for baseline in [Baseline::GroupMean, Baseline::Constant(0.25)] {
+                let loss = BaselineLoss::Dg(DgConfig { eta, baseline });
+                for fc in [
+                    FitConfig::default(),
+                    FitConfig { reduction: Reduction::Sum, grad_scale: -2.5, ..FitConfig::default() },
+                ] {
+                    check::<f32, f32>(&loss, &b, true, &fc).unwrap_or_else(|e| panic!("eta {eta:e}: {e}"));
+                    check::<bf16, bf16>(&loss, &b, true, &fc).unwrap_or_else(|e| panic!("eta {eta:e}: {e}"));
+                }
+            }
+        }
+    }
+
     /// Zero-variance groups have zero advantages: REINFORCE, GRPO and DG give exactly zero
     /// gradient, at any score magnitude.
     #[test]
