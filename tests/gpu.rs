@@ -1188,9 +1188,10 @@ mod baselines {
         Ok(())
     }
 
-    /// `Ok` when the reference's gradient comes within a factor 2 of the largest finite `G`, or a
-    /// loss, a loss term or an intermediate (`rho_i A_i`, `beta exp(-r_i)`, `A_i l_i`) within a
-    /// factor 2 of f32's: an overflow the device may rightly refuse. Else the refusal `e` fails.
+    /// `Ok` when, in the place the refusal `e` names (a group, or the reduced loss), the
+    /// reference's gradient comes within a factor 2 of the largest finite `G`, or a loss, a loss
+    /// term or an intermediate (`rho_i A_i`, `beta exp(-r_i)`, `A_i l_i`) within a factor 2 of
+    /// f32's: an overflow the device may rightly refuse. Else the refusal fails the case.
     fn near_the_range<T: DeviceFloat, G: DeviceFloat>(
         loss: &BaselineLoss,
         b: &Batch,
@@ -1206,20 +1207,27 @@ mod baselines {
             .map_err(|e| TestCaseError::fail(format!("reference error: {e}")))?;
         let gmax = if G::NAME == "f16" { 65504.0 } else { f64::from(f32::MAX) };
         let fmax = f64::from(f32::MAX);
-        let a = advantages(loss, &s, &layout);
-        let beta = if let BaselineLoss::Grpo(c) = loss { c.beta } else { 0.0 };
         let w = fc.reduction.weight(layout.num_groups()).unwrap();
-        let mut peak = want.grad.iter().fold(0.0f64, |m, g| m.max(g.abs() / gmax));
-        peak = peak.max((w * want.loss).abs() / fmax);
-        peak = want.group_loss.iter().fold(peak, |m, x| m.max(x.abs() / fmax));
-        for i in 0..l.len() {
-            let r = l[i] - lo[i];
-            let term = match loss {
-                BaselineLoss::Reinforce(_) | BaselineLoss::Dg(_) => (a[i] * l[i]).abs().max(a[i].abs()),
-                _ => (r.exp() * a[i]).abs().max(beta * (-r).exp()),
-            };
-            peak = peak.max(term / fmax);
-        }
+        let tpo::TpoError::DeviceOverflow { place, .. } = e else { unreachable!("called on overflows") };
+        let peak = match place.strip_prefix("group ").map(str::parse::<usize>) {
+            Some(Ok(g)) => {
+                let a = advantages(loss, &s, &layout);
+                let beta = if let BaselineLoss::Grpo(c) = loss { c.beta } else { 0.0 };
+                let mut peak = want.group_loss[g].abs() / fmax;
+                for i in layout.ranges().nth(g).unwrap() {
+                    let r = l[i] - lo[i];
+                    let term = match loss {
+                        BaselineLoss::Reinforce(_) | BaselineLoss::Dg(_) => {
+                            (a[i] * l[i]).abs().max(a[i].abs())
+                        }
+                        _ => (r.exp() * a[i]).abs().max(beta * (-r).exp()),
+                    };
+                    peak = peak.max(term / fmax).max(want.grad[i].abs() / gmax);
+                }
+                peak
+            }
+            _ => (w * want.loss).abs() / fmax,
+        };
         if peak >= 0.5 {
             Ok(())
         } else {
