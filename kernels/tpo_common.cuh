@@ -108,6 +108,11 @@ enum TpoErrorCode : unsigned int {
     TPO_BAD_LOGIT = 9,        // logits[i] is NaN or +inf
     TPO_BAD_TOKEN = 10,       // token at row i is outside the vocabulary
     TPO_TOKEN_LOGIT_NEG_INF = 11, // logits[i] of a sampled token is -inf
+    TPO_BL_BAD_LOGP = 12,     // baselines: logp[i] is not finite
+    TPO_BL_BAD_LOGP_OLD = 13, // baselines: logp_old[i] is not finite
+    TPO_BAD_ADVANTAGE = 14,   // PPO: advantages[i] is not finite
+    TPO_BL_OVERFLOW_GROUP = 15, // + method (0..3): the group starting at i overflows f32 or G
+    TPO_BL_OVERFLOW_LOSS = 19,  // + method (0..3): the reduced loss overflows f32
 };
 
 #define TPO_MAX_INDEX ((1ull << 55) - 1ull)

@@ -58,7 +58,8 @@ bin="$(echo "$built" | sed -n 's/.*Executable tests\/gpu.rs (\(.*\))$/\1/p' | ta
 # The subset the sanitizer modes run by default: every kernel family once, few cases.
 subset=(fused_f32 fused_bf16_grad_bf16 split_target_then_fit large_groups_use_the_block_path
   groups_of_one_and_mixed_sizes device_errors_name_the_first_bad_element token_logprobs_and_backward
-  end_to_end_from_logits token_blocks_accumulate_the_weight_gradient)
+  end_to_end_from_logits token_blocks_accumulate_the_weight_gradient baselines_f32
+  baseline_errors_are_one_line baselines_large_and_ragged_groups)
 args=("$@")
 run_suite() {
   case "$mode" in
@@ -77,7 +78,8 @@ run_suite() {
       # hundreds of blocks (4096 groups of one, the fused linear path, the logits-path proptests)
       # are left to memcheck; the token kernels run on a few long rows (full_vocabulary_rows).
       [ ${#args[@]} -gt 0 ] || args=(fused_f32 fused_bf16_grad_bf16 split_target_then_fit
-        large_groups_use_the_block_path device_errors_name_the_first_bad_element full_vocabulary_rows)
+        large_groups_use_the_block_path device_errors_name_the_first_bad_element full_vocabulary_rows
+        baselines_f32 baseline_errors_are_one_line)
       # The Rust test binary and its std are not instrumented: their synchronisation (futex
       # mutexes, atomics, libtest's channels) is invisible to TSan, so a report with a frame in
       # them is spurious. A race between two CUDA threads has both stacks in libcuda.so (the

@@ -27,12 +27,14 @@
 //! Every error of the library comes back as a candle [`Error::Msg`](candle_core::Error::Msg) with
 //! the library's one-line message; nothing panics on bad input.
 //!
-//! With the feature `candle-cuda` (candle-core's `cuda` beside tpo's `cuda`), [`group_loss`] and
-//! [`loss_from_logits`] on an `f32`, `bf16` or `f16` CUDA tensor run tpo's fused kernels on
-//! candle's CUDA storage and stream, with no host round trip of the tensors (the module
-//! `candle_cuda.rs` says how; the target and `seq_logp` are then `f32` tensors on the device).
-//! Every other case (a CPU tensor, `f64`, the baselines of [`policy_loss`], a Metal device, or a
-//! build without `candle-cuda`) takes the host path: the same code for every device, through a
+//! With the feature `candle-cuda` (candle-core's `cuda` beside tpo's `cuda`), [`group_loss`],
+//! [`loss_from_logits`] and [`policy_loss`]'s baselines (REINFORCE, PPO-clip, GRPO, DG) on an
+//! `f32`, `bf16` or `f16` CUDA tensor run tpo's fused kernels on candle's CUDA storage and
+//! stream, with no host round trip of the tensors (the module `candle_cuda.rs` says how; the
+//! target and `seq_logp` are then `f32` tensors on the device; the rollout log-probs are read in
+//! the log-probs' dtype, the scores and advantages in `f32`). Every other case (a CPU tensor,
+//! `f64`, [`policy_loss`] with TPO, a Metal device, or a build without `candle-cuda`) takes the
+//! host path: the same code for every device, through a
 //! host round trip. The CUDA path is type-checked in CI and has not been run yet (no GPU was
 //! available; `examples/candle_link` compares it with the CPU path on one); the host path on a
 //! device has not been run on one either (the tests run on the CPU).
@@ -648,6 +650,12 @@ pub fn policy_loss(
     let n = layout.len();
     check_1d(logp, "logp", n)?;
     check_unit_scale(fit)?;
+    #[cfg(feature = "candle-cuda")]
+    if logp.device().is_cuda() && logp.dtype() != DType::F64 {
+        if let Some(loss) = cuda::baseline_of(method) {
+            return cuda::policy_loss(loss, logp, logp_old, signal, layout, fit);
+        }
+    }
     let signal_name = if matches!(method, Method::PpoClip(_)) { "advantages" } else { "scores" };
     let out = Slot::default();
     let op = PolicyOp {

@@ -2,9 +2,10 @@
 //! candle's CUDA storage, ordered on the candle device's stream, with no host round trip of the
 //! tensors.
 //!
-//! [`group_loss`](super::group_loss) and [`loss_from_logits`](super::loss_from_logits) come here
-//! for an `f32`, `bf16` or `f16` tensor on a CUDA device (`f64` tensors and the baselines of
-//! [`policy_loss`](super::policy_loss) keep the host path: the kernels compute TPO in `f32`).
+//! [`group_loss`](super::group_loss), [`loss_from_logits`](super::loss_from_logits) and the
+//! baselines of [`policy_loss`](super::policy_loss) (REINFORCE, PPO-clip, GRPO, DG, through
+//! [`CudaTpo::baseline`]) come here for an `f32`, `bf16` or `f16` tensor on a CUDA device (`f64`
+//! tensors keep the host path: the kernels compute in `f32`; so does `policy_loss`'s TPO).
 //! Each op's forward runs the fused kernels on the tensor's storage in place (through
 //! [`CudaTpo::window`], as the storage may start at an offset) on the device's stream
 //! ([`CudaTpo::on_stream`]); its backward is a second op that fits the forward's target with
@@ -35,7 +36,8 @@ use crate::config::FitConfig;
 use crate::cpu::tokens::PathConfig;
 use crate::cpu::GroupStats;
 use crate::cuda::{
-    CudaTpo, DeviceFloat, DeviceLayout, DeviceSequenceBatch, DeviceTarget, FitBuffers, PathAlloc, Window,
+    BaselineLoss, CudaTpo, DeviceFloat, DeviceLayout, DeviceSequenceBatch, DeviceTarget, FitBuffers,
+    PathAlloc, Window,
 };
 use crate::layout::GroupLayout;
 
@@ -499,4 +501,150 @@ pub(super) fn loss_from_logits(
         group_loss: r.group_loss,
         stats: r.stats,
     })
+}
+
+// ---- the baselines of policy_loss -------------------------------------------------------------
+
+/// The baseline loss of a [`Method`](super::Method) (`None` for TPO, which keeps its own path).
+pub(super) fn baseline_of(method: &super::Method) -> Option<BaselineLoss> {
+    use super::Method;
+    match *method {
+        Method::Tpo(_) => None,
+        Method::Reinforce(c) => Some(BaselineLoss::Reinforce(c)),
+        Method::PpoClip(c) => Some(BaselineLoss::Ppo(c)),
+        Method::Grpo(c) => Some(BaselineLoss::Grpo(c)),
+        Method::Dg(c) => Some(BaselineLoss::Dg(c)),
+    }
+}
+
+/// A baseline's inputs on the device: rollout log-probs in the log-probs' dtype, the scores (or
+/// advantages) in `f32`, contiguous, on the input's device.
+struct PolicyInputs {
+    loss: BaselineLoss,
+    layout: GroupLayout,
+    logp_old: Tensor,
+    signal: Tensor,
+    signal_name: &'static str,
+}
+
+/// Runs the baseline kernel on `logp` with `fit` and checks its status (synchronises).
+fn policy_run<T: DeviceFloat + CudaDType>(
+    tpo: &CudaTpo,
+    inp: &PolicyInputs,
+    logp: &CudaSlice<T>,
+    fit: &FitConfig,
+) -> Result<FitBuffers<T>> {
+    let dl = tpo.layout(&inp.layout).map_err(err)?;
+    let (og, ol) = inp.logp_old.storage_and_layout();
+    let old = window::<T>(tpo, cuda_storage(&og, "logp_old")?, ol, "logp_old")?;
+    let (sg, sl) = inp.signal.storage_and_layout();
+    let signal = window::<f32>(tpo, cuda_storage(&sg, inp.signal_name)?, sl, inp.signal_name)?;
+    let mut out = tpo.alloc_fit::<T>(&dl, false).map_err(err)?;
+    tpo.baseline(&inp.loss, logp, Some(&old), &signal, &dl, fit, &mut out).map_err(err)?;
+    tpo.check(&out.status, &dl).map_err(err)?;
+    Ok(out)
+}
+
+struct PolicyOp {
+    inp: Arc<PolicyInputs>,
+    fit: FitConfig,
+    out: Slot<(f64, Vec<f64>)>,
+}
+
+fn policy_fwd<T: DeviceFloat + CudaDType>(
+    op: &PolicyOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &s.device;
+    let tpo = backend(dev)?;
+    let logp = window::<T>(&tpo, s, l, "logp")?;
+    let out = policy_run::<T>(&tpo, &op.inp, &logp, &op.fit)?;
+    let value = to_f64(&tpo, &out.loss)?[0];
+    put_slot(&op.out, (value, to_f64(&tpo, &out.group_loss)?));
+    Ok((CudaStorage::wrap_cuda_slice(out.loss, dev.clone()), Shape::from(())))
+}
+
+impl CustomOp1 for PolicyOp {
+    fn name(&self) -> &'static str {
+        "tpo-policy-loss-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fail!("tpo::candle: the CUDA policy loss got a CPU tensor")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        by_dtype!(s, policy_fwd(self, s, l))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // The gradient at the current log-probs with the upstream gradient as grad_scale, as
+        // the host path recomputes it.
+        let fit = FitConfig { grad_scale: upstream(grad_res)?, diagnostics: false, ..self.fit };
+        arg.apply_op1_no_bwd(&PolicyGradOp { inp: self.inp.clone(), fit }).map(Some)
+    }
+}
+
+/// `d(grad_scale * L)/dl` of a baseline, into a fresh storage in `l`'s dtype.
+struct PolicyGradOp {
+    inp: Arc<PolicyInputs>,
+    fit: FitConfig,
+}
+
+fn policy_grad<T: DeviceFloat + CudaDType>(
+    op: &PolicyGradOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let tpo = backend(&s.device)?;
+    let logp = window::<T>(&tpo, s, l, "logp")?;
+    let out = policy_run::<T>(&tpo, &op.inp, &logp, &op.fit)?;
+    Ok((CudaStorage::wrap_cuda_slice(out.grad, s.device.clone()), l.shape().clone()))
+}
+
+impl CustomOp1 for PolicyGradOp {
+    fn name(&self) -> &'static str {
+        "tpo-policy-loss-cuda-grad"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fail!("tpo::candle: the CUDA policy loss's backward got a CPU tensor")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        by_dtype!(s, policy_grad(self, s, l))
+    }
+}
+
+/// [`super::policy_loss`]'s baselines for a CUDA tensor (checked by the caller: 1-D,
+/// `f32`/`bf16`/`f16`, unit `grad_scale`). `logp_old` is read in `logp`'s dtype (rounded to it,
+/// as [`super::group_loss`] reads it), the scores or advantages in `f32`.
+pub(super) fn policy_loss(
+    loss: BaselineLoss,
+    logp: &Tensor,
+    logp_old: &Tensor,
+    signal: &Tensor,
+    layout: &GroupLayout,
+    fit: &FitConfig,
+) -> Result<super::PolicyLoss> {
+    let x = logp.contiguous()?;
+    let n = layout.len();
+    let signal_name = if matches!(loss, BaselineLoss::Ppo(_)) { "advantages" } else { "scores" };
+    let put = |t: &Tensor, name: &str, dtype: DType| -> Result<Tensor> {
+        super::check_1d(t, name, n)?;
+        t.detach().to_device(x.device())?.to_dtype(dtype)?.contiguous()
+    };
+    let inp = PolicyInputs {
+        loss,
+        layout: layout.clone(),
+        logp_old: put(logp_old, "logp_old", x.dtype())?,
+        signal: put(signal, signal_name, DType::F32)?,
+        signal_name,
+    };
+    let out = Slot::default();
+    let op = PolicyOp { inp: Arc::new(inp), fit: *fit, out: out.clone() };
+    let loss = x.apply_op1(op)?.to_dtype(logp.dtype())?;
+    let (value, group_loss) = take_slot(&out)?;
+    Ok(super::PolicyLoss { loss, value, group_loss, stats: None })
 }

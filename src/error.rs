@@ -91,6 +91,17 @@ pub enum TpoError {
         /// Which term overflows, and what to do about it.
         cause: &'static str,
     },
+    /// A loss or gradient of finite inputs computed on the device is past the range of the
+    /// kernels' `f32` arithmetic or of the gradient's storage type (the baseline losses on CUDA).
+    #[error("{method}: {place} overflows on the GPU ({cause})")]
+    DeviceOverflow {
+        /// The call (`reinforce`, `ppo`, `grpo`, `dg`).
+        method: &'static str,
+        /// Where: the first group that overflows, or the reduced loss.
+        place: String,
+        /// Which term overflows, and what to do about it.
+        cause: &'static str,
+    },
     /// Sizes whose sum or product does not fit in `usize` (nor, on the device, in `i64`).
     #[error("{0}: too large, the size overflows")]
     SizeOverflow(String),

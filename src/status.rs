@@ -37,6 +37,30 @@ pub fn decode_status(word: u64, layout: &GroupLayout) -> Result<()> {
         9 => device("logits", "NaN or +inf: logits must be finite, or -inf to mask a vocabulary entry"),
         10 => device("tokens", "outside the vocabulary"),
         11 => device("logits", "-inf at a sampled token: its log-prob would be -inf"),
+        12 => device("logp", "not finite: the baseline losses need finite log-probs"),
+        13 => device("logp_old", "not finite: the baseline losses need finite log-probs"),
+        14 => device("advantages", "not finite: advantages must be finite"),
+        15..=18 => TpoError::DeviceOverflow {
+            method: BASELINE_METHODS[(code - 15) as usize],
+            place: format!("group {}", group()),
+            cause: BASELINE_OVERFLOW_CAUSES[(code - 15) as usize],
+        },
+        19..=22 => TpoError::DeviceOverflow {
+            method: BASELINE_METHODS[(code - 19) as usize],
+            place: "the loss reduced over groups".into(),
+            cause: "w times the sum of the group losses is past f32's range: reduce grad_scale or rescale the scores",
+        },
         other => TpoError::Cuda(format!("unknown device status code {other} at index {index}")),
     })
 }
+
+/// The baseline losses by the kernels' method number (kernels/baselines.cu).
+const BASELINE_METHODS: [&str; 4] = ["reinforce", "ppo", "grpo", "dg"];
+
+/// What overflows in a group of each baseline loss on the device, by method number.
+const BASELINE_OVERFLOW_CAUSES: [&str; 4] = [
+    "an advantage, or advantage times log-prob or grad_scale, is past f32's range or the gradient type's: rescale the scores",
+    "the ratio exp(logp - logp_old) (past f32's range above a log ratio of 88) times an advantage or grad_scale is past f32's range or the gradient type's",
+    "the ratio exp(logp - logp_old) or the KL term exp(logp_old - logp) (past f32's range beyond a log ratio of 88), or a term times beta or grad_scale, is past f32's range or the gradient type's",
+    "an advantage, or gate times advantage times log-prob or grad_scale, is past f32's range or the gradient type's: rescale the scores",
+];

@@ -1012,3 +1012,568 @@ mod borrowed {
         assert_eq!(tpo.to_host(&again).unwrap(), vec![2.0f32; 4]);
     }
 }
+
+/// The policy-gradient baselines (`CudaTpo::baseline`: REINFORCE, PPO-clip, GRPO, DG) against
+/// their f64 references (`cpu::reinforce`, `cpu::ppo`, `cpu::grpo`, `cpu::dg`).
+///
+/// Tolerances. The reference runs on exactly the values the GPU reads. Every element must satisfy
+/// `common::within`'s `|x - r| <= (1e-5 + storage) (|r| + floor)`, the floor being the scale of
+/// the f32 arithmetic's absolute error: per group, with `M` the group's largest advantage
+/// magnitude (for PPO and GRPO times `(1 + |r_i|) rho_i`, plus `beta (exp(-r_i) + |r_i| + 1)`),
+/// `|coef| M / K` for the gradient and `M sum_i (1 + |l_i|) / K` for the loss (`M` at each member
+/// for PPO / GRPO). Where `rho_i` lies within `1e-5` (relative) of a clip bound, the kernel's f32
+/// decision may differ from the reference's: the surrogate's gradient `-coef rho_i A_i / K` is
+/// then allowed to be present or absent.
+mod baselines {
+    use super::*;
+    use tpo::cpu::{Baseline, DgConfig, FitOutput, GrpoConfig, PgConfig, PpoConfig};
+    use tpo::cuda::BaselineLoss;
+    use tpo::Reduction;
+
+    /// The CPU reference of `loss` (on-policy: `lo` is `l`).
+    fn reference(
+        loss: &BaselineLoss,
+        l: &[f64],
+        lo: &[f64],
+        s: &[f64],
+        layout: &GroupLayout,
+        fc: &FitConfig,
+    ) -> tpo::Result<FitOutput> {
+        match loss {
+            BaselineLoss::Reinforce(c) => cpu::reinforce(l, s, layout, c, fc),
+            BaselineLoss::Ppo(c) => cpu::ppo(l, lo, s, layout, c, fc),
+            BaselineLoss::Grpo(c) => cpu::grpo(l, lo, s, layout, c, fc),
+            BaselineLoss::Dg(c) => cpu::dg(l, lo, s, layout, c, fc),
+        }
+    }
+
+    /// Per member: the advantage the loss uses (f64, from the reference's formulas).
+    fn advantages(loss: &BaselineLoss, s: &[f64], layout: &GroupLayout) -> Vec<f64> {
+        let mut a = vec![0.0; s.len()];
+        for r in layout.ranges() {
+            let g = &s[r.clone()];
+            let mean = g.iter().sum::<f64>() / g.len() as f64;
+            let base = |b: &Baseline| match b {
+                Baseline::GroupMean => mean,
+                Baseline::Constant(c) => *c,
+            };
+            match loss {
+                BaselineLoss::Reinforce(PgConfig { baseline })
+                | BaselineLoss::Dg(DgConfig { baseline, .. }) => {
+                    let b = base(baseline);
+                    for i in r.clone() {
+                        a[i] = s[i] - b;
+                    }
+                }
+                BaselineLoss::Ppo(_) => a[r.clone()].copy_from_slice(g),
+                BaselineLoss::Grpo(c) => {
+                    let mut u = Vec::new();
+                    cpu::zscore(g, &vec![0.0; g.len()], c.zero_std_threshold, &mut u);
+                    a[r.clone()].copy_from_slice(&u);
+                }
+            }
+        }
+        a
+    }
+
+    /// Per group: (gradient floor, loss floor), and per member the surrogate's `rho_i A_i / K` where
+    /// `rho_i` is within 1e-5 of a clip bound (else 0). See the module's doc.
+    fn floors(
+        loss: &BaselineLoss,
+        l: &[f64],
+        lo: &[f64],
+        s: &[f64],
+        layout: &GroupLayout,
+    ) -> (Vec<(f64, f64)>, Vec<f64>) {
+        let a = advantages(loss, s, layout);
+        let (eps, beta) = match loss {
+            BaselineLoss::Ppo(c) => (Some(c.clip_eps), 0.0),
+            BaselineLoss::Grpo(c) => (Some(c.clip_eps), c.beta),
+            _ => (None, 0.0),
+        };
+        let mut tie = vec![0.0; s.len()];
+        let mut out = Vec::new();
+        for r in layout.ranges() {
+            let k = r.len() as f64;
+            let amax = a[r.clone()].iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let (mut gmax, mut lsum) = (0.0f64, 0.0);
+            for i in r.clone() {
+                let m = match eps {
+                    None => amax * (1.0 + l[i].abs()),
+                    Some(eps) => {
+                        let rr = l[i] - lo[i];
+                        let rho = rr.exp();
+                        let near = |b: f64| (rho - b).abs() <= 1e-5 * b;
+                        if near(1.0 - eps) || near(1.0 + eps) {
+                            tie[i] = rho * a[i] / k;
+                        }
+                        (1.0 + rr.abs()) * rho * amax + beta * ((-rr).exp() + rr.abs() + 1.0)
+                    }
+                };
+                let gm = if eps.is_none() { amax } else { m };
+                gmax = gmax.max(gm);
+                lsum += m;
+            }
+            out.push((gmax / k, lsum / k));
+        }
+        (out, tie)
+    }
+
+    /// Runs `loss` on the GPU twice (outputs poisoned before each launch), requires bit-identical
+    /// results, and compares with the reference on the same stored values.
+    fn check<T: DeviceFloat, G: DeviceFloat>(
+        loss: &BaselineLoss,
+        b: &Batch,
+        with_old: bool,
+        fc: &FitConfig,
+    ) -> Result<(), TestCaseError> {
+        let tpo = gpu().lock().unwrap();
+        let layout = b.layout();
+        let dl = tpo.layout(&layout).unwrap();
+        let (l, lh) = to_dev::<T>(&tpo, &b.logp);
+        let (lo, loh) = to_dev::<T>(&tpo, &b.logp_old);
+        let sh: Vec<f32> = b.scores.iter().map(|&x| x as f32).collect();
+        let s = tpo.to_device(&sh).unwrap();
+        let mut out = tpo.alloc_fit::<G>(&dl, false).unwrap();
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            poison(&tpo, &mut out.grad);
+            poison(&tpo, &mut out.group_loss);
+            poison(&tpo, &mut out.loss);
+            tpo.baseline(loss, &l, with_old.then_some(&lo), &s, &dl, fc, &mut out).unwrap();
+            if let Err(e) = tpo.check(&out.status, &dl) {
+                // Refused as past f32's (or G's) range: only where the true values come near it.
+                return match e {
+                    tpo::TpoError::DeviceOverflow { .. } => near_the_range::<T, G>(loss, b, with_old, fc, &e),
+                    e => Err(TestCaseError::fail(format!("device error: {e}"))),
+                };
+            }
+            let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+            runs.push((
+                bits(host(&tpo, &out.grad)),
+                bits(host(&tpo, &out.group_loss)),
+                bits(host(&tpo, &out.loss)),
+            ));
+        }
+        prop_assert!(runs[0] == runs[1], "two runs on the same inputs differ");
+        let wide = |v: &[T]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
+        let (lw, low) = (wide(&lh), if with_old { wide(&loh) } else { wide(&lh) });
+        let sw: Vec<f64> = sh.iter().map(|&x| f64::from(x)).collect();
+        let want = reference(loss, &lw, &low, &sw, &layout, fc)
+            .map_err(|e| TestCaseError::fail(format!("reference error: {e}")))?;
+        let w = fc.reduction.weight(layout.num_groups()).unwrap();
+        let coef = (fc.grad_scale * w).abs();
+        let (fl, tie) = floors(loss, &lw, &low, &sw, &layout);
+        let storage = storage_rtol(G::NAME);
+        let grad = host(&tpo, &out.grad);
+        let group_loss = host(&tpo, &out.group_loss);
+        for (g, r) in layout.ranges().enumerate() {
+            let (gf, lf) = fl[g];
+            for i in r.clone() {
+                let name = format!("grad (group {g})");
+                let one = |want: f64| within(&name, &grad[i..=i], &[want], coef * gf, storage);
+                if let Err(e) = one(want.grad[i]) {
+                    // Near a clip bound, with or without the surrogate's term.
+                    let alt = fc.grad_scale * w * tie[i];
+                    if tie[i] == 0.0 || (one(want.grad[i] + alt).is_err() && one(want.grad[i] - alt).is_err())
+                    {
+                        return Err(TestCaseError::fail(format!("member {i}: {e}")));
+                    }
+                }
+            }
+            compare(&format!("group_loss[{g}]"), &group_loss[g..=g], &want.group_loss[g..=g], lf, 0.0)?;
+        }
+        let floor = w.abs() * fl.iter().zip(&want.group_loss).map(|((_, lf), x)| lf + x.abs()).sum::<f64>();
+        compare("loss", &host(&tpo, &out.loss), &[want.loss], floor, 0.0)?;
+        Ok(())
+    }
+
+    /// `Ok` when, in the place the refusal `e` names (a group, or the reduced loss), the
+    /// reference's gradient comes within a factor 2 of the largest finite `G`, or a loss, a loss
+    /// term or an intermediate (`rho_i A_i`, `beta exp(-r_i)`, `A_i l_i`) within a factor 2 of
+    /// f32's: an overflow the device may rightly refuse. Else the refusal fails the case.
+    fn near_the_range<T: DeviceFloat, G: DeviceFloat>(
+        loss: &BaselineLoss,
+        b: &Batch,
+        with_old: bool,
+        fc: &FitConfig,
+        e: &tpo::TpoError,
+    ) -> Result<(), TestCaseError> {
+        let layout = b.layout();
+        let wide = |v: &[f64]| v.iter().map(|&x| T::from_f64(x).to_f64()).collect::<Vec<f64>>();
+        let (l, lo) = (wide(&b.logp), if with_old { wide(&b.logp_old) } else { wide(&b.logp) });
+        let s: Vec<f64> = b.scores.iter().map(|&x| f64::from(x as f32)).collect();
+        let want = reference(loss, &l, &lo, &s, &layout, fc)
+            .map_err(|e| TestCaseError::fail(format!("reference error: {e}")))?;
+        let gmax = if G::NAME == "f16" { 65504.0 } else { f64::from(f32::MAX) };
+        let fmax = f64::from(f32::MAX);
+        let w = fc.reduction.weight(layout.num_groups()).unwrap();
+        let tpo::TpoError::DeviceOverflow { place, .. } = e else { unreachable!("called on overflows") };
+        let peak = match place.strip_prefix("group ").map(str::parse::<usize>) {
+            Some(Ok(g)) => {
+                let a = advantages(loss, &s, &layout);
+                let beta = if let BaselineLoss::Grpo(c) = loss { c.beta } else { 0.0 };
+                let mut peak = want.group_loss[g].abs() / fmax;
+                for i in layout.ranges().nth(g).unwrap() {
+                    let r = l[i] - lo[i];
+                    let term = match loss {
+                        BaselineLoss::Reinforce(_) | BaselineLoss::Dg(_) => {
+                            (a[i] * l[i]).abs().max(a[i].abs())
+                        }
+                        _ => (r.exp() * a[i]).abs().max(beta * (-r).exp()),
+                    };
+                    peak = peak.max(term / fmax).max(want.grad[i].abs() / gmax);
+                }
+                peak
+            }
+            _ => (w * want.loss).abs() / fmax,
+        };
+        if peak >= 0.5 {
+            Ok(())
+        } else {
+            Err(TestCaseError::fail(format!("device refused values {peak:e} of the range: {e}")))
+        }
+    }
+
+    fn fit_config() -> impl Strategy<Value = FitConfig> {
+        (
+            prop_oneof![
+                Just(Reduction::Mean),
+                Just(Reduction::Sum),
+                (1.0..1e4f64).prop_map(Reduction::GlobalMean)
+            ],
+            prop_oneof![-3.0..3.0f64, Just(1.0)],
+        )
+            .prop_map(|(reduction, grad_scale)| FitConfig {
+                reduction,
+                grad_scale,
+                ..FitConfig::default()
+            })
+    }
+
+    fn baseline() -> impl Strategy<Value = Baseline> {
+        prop_oneof![
+            Just(Baseline::GroupMean),
+            Just(Baseline::Constant(0.5)),
+            Just(Baseline::Constant(0.0)),
+            (-10.0..10.0f64).prop_map(Baseline::Constant),
+        ]
+    }
+
+    /// Clip ranges over all of `(0, 1)`, the usual 0.2 among them.
+    fn clip_eps() -> impl Strategy<Value = f64> {
+        prop_oneof![Just(0.2), 1e-4..0.9999f64]
+    }
+
+    /// Every loss, over the whole range of its parameters: `eta` log-uniform in `[1e-12, 1e6]`,
+    /// `beta` 0 or log-uniform in `[1e-6, 1e6]`, thresholds 0, the default, log-uniform or huge.
+    fn losses() -> impl Strategy<Value = BaselineLoss> {
+        prop_oneof![
+            baseline().prop_map(|baseline| BaselineLoss::Reinforce(PgConfig { baseline })),
+            clip_eps().prop_map(|clip_eps| BaselineLoss::Ppo(PpoConfig { clip_eps })),
+            (
+                clip_eps(),
+                prop_oneof![Just(0.0), Just(0.04), (-6.0..6.0f64).prop_map(|x| 10f64.powf(x))],
+                prop_oneof![Just(0.0), Just(1e-6), (-8.0..2.0f64).prop_map(|x| 10f64.powf(x)), Just(1e30)],
+            )
+                .prop_map(|(clip_eps, beta, zero_std_threshold)| {
+                    BaselineLoss::Grpo(GrpoConfig { clip_eps, beta, zero_std_threshold })
+                }),
+            (eta(), baseline()).prop_map(|(eta, baseline)| BaselineLoss::Dg(DgConfig { eta, baseline })),
+        ]
+    }
+
+    /// Moves a GRPO threshold away (by factors of 2) from every group's score deviation, where the
+    /// f32 and f64 decisions `sd <= threshold` could differ.
+    fn settle(loss: BaselineLoss, b: &Batch) -> BaselineLoss {
+        let BaselineLoss::Grpo(mut c) = loss else { return loss };
+        let layout = b.layout();
+        let sds: Vec<f64> = layout
+            .ranges()
+            .map(|r| {
+                let g: Vec<f64> = b.scores[r].iter().map(|&x| f64::from(x as f32)).collect();
+                let m = g.iter().sum::<f64>() / g.len() as f64;
+                (g.iter().map(|x| (x - m).powi(2)).sum::<f64>() / g.len() as f64).sqrt()
+            })
+            .collect();
+        while c.zero_std_threshold > 0.0
+            && sds.iter().any(|&sd| (sd - c.zero_std_threshold).abs() <= 1e-3 * sd)
+        {
+            c.zero_std_threshold *= 2.0;
+        }
+        BaselineLoss::Grpo(c)
+    }
+
+    /// Log-probs of thousands in magnitude (log ratios within +-3), scores or advantages scaled by
+    /// `10^[-30, 30]`.
+    fn extreme_batch() -> impl Strategy<Value = Batch> {
+        (
+            batch(1..=8, 1..=40, -20.0, 0.0),
+            -5000.0..5000.0f64,
+            -30.0..30.0f64,
+            prop::collection::vec(-3.0..3.0f64, 320),
+        )
+            .prop_map(|(mut b, offset, e, d)| {
+                let scale = 10f64.powf(e);
+                for i in 0..b.len() {
+                    b.logp[i] += offset;
+                    b.logp_old[i] = b.logp[i] + d[i % d.len()];
+                    b.scores[i] *= scale;
+                }
+                b
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases(64)))]
+
+        #[test]
+        fn baselines_f32(b in small_batch(), loss in losses(), with_old in any::<bool>(), fc in fit_config()) {
+            check::<f32, f32>(&settle(loss, &b), &b, with_old, &fc)?;
+        }
+
+        #[test]
+        fn baselines_bf16_grad_f32_and_bf16(b in small_batch(), loss in losses(), fc in fit_config()) {
+            let loss = settle(loss, &b);
+            check::<bf16, f32>(&loss, &b, true, &fc)?;
+            check::<bf16, bf16>(&loss, &b, true, &fc)?;
+        }
+
+        #[test]
+        fn baselines_f16_grad_f16_and_f32(b in batch(1..=6, 1..=12, -8.0, 0.0), loss in losses(), fc in fit_config()) {
+            // f16 holds log-probs only in a small range (max 65504, ~3 digits).
+            let loss = settle(loss, &b);
+            check::<f16, f16>(&loss, &b, true, &fc)?;
+            check::<f16, f32>(&loss, &b, false, &fc)?;
+        }
+
+        #[test]
+        fn baselines_extreme_magnitudes(b in extreme_batch(), loss in losses(), fc in fit_config()) {
+            let loss = settle(loss, &b);
+            check::<f32, f32>(&loss, &b, true, &fc)?;
+            check::<f32, bf16>(&loss, &b, true, &fc)?;
+        }
+
+        #[test]
+        fn baselines_groups_of_one(n in 1usize..40, seed in any::<u64>(), loss in losses(), fc in fit_config()) {
+            let b = seeded_batch(vec![1; n], seed, 10.0, 0.5);
+            check::<f32, f32>(&settle(loss, &b), &b, true, &fc)?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases(8)))]
+
+        /// Groups of 300+ take the block path; ragged layouts mixing both paths in one call.
+        #[test]
+        fn baselines_large_and_ragged_groups(
+            sizes in prop::collection::vec(prop_oneof![1usize..40, 257usize..3000], 1..5),
+            seed in any::<u64>(),
+            loss in losses(),
+            fc in fit_config(),
+        ) {
+            let mut b = seeded_batch(sizes, seed, 30.0, 0.3);
+            // Continuous scores too (seeded_batch gives 0/1).
+            for (i, s) in b.scores.iter_mut().enumerate() {
+                *s += (i as f64 * 0.618).fract();
+            }
+            let loss = settle(loss, &b);
+            check::<f32, f32>(&loss, &b, true, &fc)?;
+            check::<bf16, f16>(&loss, &b, true, &fc)?;
+        }
+    }
+
+    /// DG's gate at any finite `eta > 0`, far past the proptests' `[1e-12, 1e6]`: the gate's
+    /// argument `A (-l_old) / eta` is formed in f64, so a subnormal `eta` (where `1 / eta`
+    /// overflows) or `f64::MAX` still gives the reference's gates; warp and block paths.
+    #[test]
+    fn dg_gate_at_every_finite_eta() {
+        let mut b = seeded_batch(vec![5, 1, 300, 12], 7, 20.0, 0.5);
+        for (i, s) in b.scores.iter_mut().enumerate() {
+            *s += (i as f64 * 0.37).fract() - 0.5;
+        }
+        for eta in [f64::from_bits(1), 1e-300, 1e-40, 1e-12, 1.0, 1e6, 1e40, 1e300, f64::MAX] {
+            for baseline in [Baseline::GroupMean, Baseline::Constant(0.25)] {
+                let loss = BaselineLoss::Dg(DgConfig { eta, baseline });
+                for fc in [
+                    FitConfig::default(),
+                    FitConfig { reduction: Reduction::Sum, grad_scale: -2.5, ..FitConfig::default() },
+                ] {
+                    check::<f32, f32>(&loss, &b, true, &fc).unwrap_or_else(|e| panic!("eta {eta:e}: {e}"));
+                    check::<bf16, bf16>(&loss, &b, true, &fc).unwrap_or_else(|e| panic!("eta {eta:e}: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Zero-variance groups have zero advantages: REINFORCE, GRPO and DG give exactly zero
+    /// gradient, at any score magnitude.
+    #[test]
+    fn baselines_equal_scores_give_zero_gradient() {
+        let tpo = gpu().lock().unwrap();
+        let layout = GroupLayout::from_sizes(&[3, 300, 1]).unwrap();
+        let dl = tpo.layout(&layout).unwrap();
+        let n = layout.len();
+        let l = tpo.to_device(&(0..n).map(|i| -1.0 - (i % 7) as f32).collect::<Vec<_>>()).unwrap();
+        for v in [0.0f32, 1.0, -3.5e37, 1e-30] {
+            let s = tpo.to_device(&vec![v; n]).unwrap();
+            for loss in [
+                BaselineLoss::Reinforce(PgConfig::default()),
+                BaselineLoss::Grpo(GrpoConfig { zero_std_threshold: 0.0, ..GrpoConfig::default() }),
+                BaselineLoss::Dg(DgConfig::default()),
+            ] {
+                let mut out = tpo.alloc_fit::<f32>(&dl, false).unwrap();
+                poison(&tpo, &mut out.grad);
+                tpo.baseline(&loss, &l, None, &s, &dl, &FitConfig::default(), &mut out).unwrap();
+                tpo.check(&out.status, &dl).unwrap();
+                assert!(host(&tpo, &out.grad).iter().all(|&g| g == 0.0), "{loss:?} at score {v}");
+            }
+        }
+    }
+
+    /// Data errors are one line naming the first bad element (the loss is NaN); configuration and
+    /// length errors are the CPU reference's lines, returned before any launch; a result past f32's
+    /// range (where the f64 reference still has one) is one line naming the group.
+    #[test]
+    fn baseline_errors_are_one_line() {
+        let tpo = gpu().lock().unwrap();
+        let layout = GroupLayout::from_sizes(&[3, 2, 4]).unwrap();
+        let dl = tpo.layout(&layout).unwrap();
+        let ok = [-1.0f32, -2.0, -3.0, -1.0, -2.0, -1.0, -2.0, -3.0, -4.0];
+        let sc = [1.0f32, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.5, 1.0];
+        let losses = [
+            BaselineLoss::Reinforce(PgConfig::default()),
+            BaselineLoss::Ppo(PpoConfig::default()),
+            BaselineLoss::Grpo(GrpoConfig::default()),
+            BaselineLoss::Dg(DgConfig::default()),
+        ];
+        let run = |loss: &BaselineLoss, l: &[f32], old: &[f32], s: &[f32], fc: &FitConfig| -> String {
+            let (l, o, s) =
+                (tpo.to_device(l).unwrap(), tpo.to_device(old).unwrap(), tpo.to_device(s).unwrap());
+            let mut out = tpo.alloc_fit::<f32>(&dl, false).unwrap();
+            tpo.baseline(loss, &l, Some(&o), &s, &dl, fc, &mut out).unwrap();
+            let e = tpo.check(&out.status, &dl).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "{e}");
+            let loss_v = tpo.to_host(&out.loss).unwrap()[0];
+            assert!(loss_v.is_nan() || loss_v.is_infinite(), "{e}: loss {loss_v}");
+            e
+        };
+        let fc = FitConfig::default();
+        for loss in &losses {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut l = ok;
+                l[7] = bad;
+                l[4] = bad;
+                let e = run(loss, &l, &ok, &sc, &fc);
+                assert_eq!(e, "logp[4] is not finite: the baseline losses need finite log-probs", "{loss:?}");
+                // The CPU reference refuses the same element.
+                let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+                let ce =
+                    reference(loss, &wide(&l), &wide(&ok), &wide(&sc), &layout, &fc).unwrap_err().to_string();
+                assert!(ce.starts_with("logp[4] is "), "{ce}");
+                if !matches!(loss, BaselineLoss::Reinforce(_)) {
+                    let e = run(loss, &ok, &l, &sc, &fc);
+                    assert_eq!(e, "logp_old[4] is not finite: the baseline losses need finite log-probs");
+                }
+                let mut s = sc;
+                s[6] = bad;
+                let e = run(loss, &ok, &ok, &s, &fc);
+                if matches!(loss, BaselineLoss::Ppo(_)) {
+                    assert_eq!(e, "advantages[6] is not finite: advantages must be finite");
+                } else {
+                    assert_eq!(e, "scores[6] is not finite: scores must be finite");
+                }
+            }
+        }
+        // Past f32's range: a ratio exp(100) (f64 has it), a gradient past f16's range, a reduced loss.
+        let (mut l, mut s) = (ok, sc);
+        l[3] = 99.0;
+        s[3] = -1.0;
+        assert_eq!(
+            run(&losses[1], &l, &ok, &s, &fc),
+            "ppo: group 1 overflows on the GPU (the ratio exp(logp - logp_old) (past f32's range above a \
+             log ratio of 88) times an advantage or grad_scale is past f32's range or the gradient type's)"
+        );
+        {
+            let (l, s) = (
+                tpo.to_device(&ok).unwrap(),
+                tpo.to_device(&[0.0f32, 0.0, 0.0, 0.0, 1e6, 0.0, 0.0, 0.0, 0.0]).unwrap(),
+            );
+            let mut out = tpo.alloc_fit::<f16>(&dl, false).unwrap();
+            let sum = FitConfig { reduction: Reduction::Sum, ..FitConfig::default() };
+            tpo.baseline(&losses[0], &l, None, &s, &dl, &sum, &mut out).unwrap();
+            let e = tpo.check(&out.status, &dl).unwrap_err().to_string();
+            assert!(e.starts_with("reinforce: group 1 overflows on the GPU (an advantage"), "{e}");
+            let g = host(&tpo, &out.grad);
+            assert!(
+                g[3..5].iter().all(|x| x.is_nan()) && g[..3].iter().chain(&g[5..]).all(|x| x.is_finite()),
+                "{g:?}"
+            );
+        }
+        {
+            // Each group's loss 2e38 / K fits f32; their sum does not.
+            let big = FitConfig { reduction: Reduction::Sum, ..FitConfig::default() };
+            let loss = BaselineLoss::Reinforce(PgConfig { baseline: Baseline::Constant(-1e19) });
+            let l = [-2e19f32; 9];
+            let e = run(&loss, &l, &l, &[0.0; 9], &big);
+            assert_eq!(
+                e,
+                "reinforce: the loss reduced over groups overflows on the GPU (w times the sum of the group \
+                 losses is past f32's range: reduce grad_scale or rescale the scores)"
+            );
+        }
+        // Configuration errors: the CPU reference's lines, at once.
+        let (l, s) = (tpo.to_device(&ok).unwrap(), tpo.to_device(&sc).unwrap());
+        let wide: Vec<f64> = ok.iter().map(|&x| f64::from(x)).collect();
+        let sw: Vec<f64> = sc.iter().map(|&x| f64::from(x)).collect();
+        let mut out = tpo.alloc_fit::<f32>(&dl, false).unwrap();
+        let bad_configs = [
+            BaselineLoss::Reinforce(PgConfig { baseline: Baseline::Constant(f64::INFINITY) }),
+            BaselineLoss::Ppo(PpoConfig { clip_eps: 0.0 }),
+            BaselineLoss::Ppo(PpoConfig { clip_eps: 1.0 }),
+            BaselineLoss::Ppo(PpoConfig { clip_eps: f64::NAN }),
+            BaselineLoss::Grpo(GrpoConfig { beta: -1.0, ..GrpoConfig::default() }),
+            BaselineLoss::Grpo(GrpoConfig { zero_std_threshold: f64::NAN, ..GrpoConfig::default() }),
+            BaselineLoss::Grpo(GrpoConfig { clip_eps: -0.5, ..GrpoConfig::default() }),
+            BaselineLoss::Dg(DgConfig { eta: 0.0, ..DgConfig::default() }),
+            BaselineLoss::Dg(DgConfig { eta: f64::INFINITY, ..DgConfig::default() }),
+            BaselineLoss::Dg(DgConfig { eta: 1.0, baseline: Baseline::Constant(f64::NAN) }),
+        ];
+        for loss in &bad_configs {
+            let e = tpo.baseline(loss, &l, Some(&l), &s, &dl, &fc, &mut out).unwrap_err().to_string();
+            let ce = reference(loss, &wide, &wide, &sw, &layout, &fc).unwrap_err().to_string();
+            assert_eq!(e, ce, "{loss:?}");
+            assert!(!e.contains('\n'));
+        }
+        let bad_fit = FitConfig { grad_scale: f64::NAN, ..FitConfig::default() };
+        let e = tpo.baseline(&losses[0], &l, None, &s, &dl, &bad_fit, &mut out).unwrap_err().to_string();
+        assert_eq!(e, reference(&losses[0], &wide, &wide, &sw, &layout, &bad_fit).unwrap_err().to_string());
+        // Length errors.
+        let short = tpo.to_device(&ok[..8]).unwrap();
+        for (i, loss) in losses.iter().enumerate() {
+            let e = tpo.baseline(loss, &short, None, &s, &dl, &fc, &mut out).unwrap_err().to_string();
+            assert_eq!(e, "logp has 8 elements, layout expects 9");
+            if i > 0 {
+                let e = tpo.baseline(loss, &l, Some(&short), &s, &dl, &fc, &mut out).unwrap_err().to_string();
+                assert_eq!(e, "logp_old has 8 elements, layout expects 9");
+            }
+            let e = tpo
+                .baseline(loss, &l, None, &short_f32(&tpo, &sc), &dl, &fc, &mut out)
+                .unwrap_err()
+                .to_string();
+            let name = if i == 1 { "advantages" } else { "scores" };
+            assert_eq!(e, format!("{name} has 8 elements, layout expects 9"));
+        }
+        let mut with_stats = tpo.alloc_fit::<f32>(&dl, true).unwrap();
+        let e = tpo.baseline(&losses[0], &l, None, &s, &dl, &fc, &mut with_stats).unwrap_err().to_string();
+        assert!(e.starts_with("stats output (the baseline losses compute no diagnostics"), "{e}");
+        let other = tpo.layout(&GroupLayout::uniform(2, 4).unwrap()).unwrap();
+        let mut small = tpo.alloc_fit::<f32>(&other, false).unwrap();
+        let e = tpo.baseline(&losses[0], &l, None, &s, &dl, &fc, &mut small).unwrap_err().to_string();
+        assert_eq!(e, "gradient output has 8 elements, layout expects 9");
+    }
+
+    fn short_f32(tpo: &CudaTpo, v: &[f32]) -> CudaSlice<f32> {
+        tpo.to_device(&v[..v.len() - 1]).unwrap()
+    }
+}

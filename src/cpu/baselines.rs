@@ -125,16 +125,7 @@ pub fn grpo<L: Scalar, S: Scalar>(
     cfg: &GrpoConfig,
     fit: &FitConfig,
 ) -> Result<FitOutput> {
-    for (name, v, req) in [
-        ("clip_eps", cfg.clip_eps, "finite and in (0, 1)"),
-        ("beta", cfg.beta, "finite and >= 0"),
-        ("zero_std_threshold", cfg.zero_std_threshold, "finite and >= 0"),
-    ] {
-        let ok = v.is_finite() && v >= 0.0 && (name != "clip_eps" || (v > 0.0 && v < 1.0));
-        if !ok {
-            return Err(TpoError::BadConfig { name, requirement: req, got: v });
-        }
-    }
+    check_grpo(cfg)?;
     per_group(Method::Grpo, layout, fit, &[("logp", logp), ("logp_old", logp_old)], scores, |l, s, u, out| {
         let (l, lo) = (l[0], l[1]);
         let k = l.len() as f64;
@@ -165,13 +156,7 @@ pub fn ppo<L: Scalar, A: Scalar>(
     cfg: &PpoConfig,
     fit: &FitConfig,
 ) -> Result<FitOutput> {
-    if !(cfg.clip_eps.is_finite() && cfg.clip_eps > 0.0 && cfg.clip_eps < 1.0) {
-        return Err(TpoError::BadConfig {
-            name: "clip_eps",
-            requirement: "finite and in (0, 1)",
-            got: cfg.clip_eps,
-        });
-    }
+    check_ppo(cfg)?;
     layout.check_len("advantages", advantages.len())?;
     if let Some(i) = advantages.iter().position(|a| !a.to_f64().is_finite()) {
         return Err(TpoError::NonFinite {
@@ -212,10 +197,7 @@ pub fn dg<L: Scalar, S: Scalar>(
     cfg: &DgConfig,
     fit: &FitConfig,
 ) -> Result<FitOutput> {
-    if !(cfg.eta.is_finite() && cfg.eta > 0.0) {
-        return Err(TpoError::BadConfig { name: "eta", requirement: "finite and > 0", got: cfg.eta });
-    }
-    check_baseline(cfg.baseline)?;
+    check_dg(cfg)?;
     per_group(Method::Dg, layout, fit, &[("logp", logp), ("logp_old", logp_old)], scores, |l, s, _, out| {
         let (l, lo) = (l[0], l[1]);
         let k = l.len() as f64;
@@ -272,7 +254,43 @@ impl Method {
     }
 }
 
-fn check_baseline(b: Baseline) -> Result<()> {
+/// Validates a [`GrpoConfig`] (shared with the CUDA backend).
+pub(crate) fn check_grpo(cfg: &GrpoConfig) -> Result<()> {
+    for (name, v, req) in [
+        ("clip_eps", cfg.clip_eps, "finite and in (0, 1)"),
+        ("beta", cfg.beta, "finite and >= 0"),
+        ("zero_std_threshold", cfg.zero_std_threshold, "finite and >= 0"),
+    ] {
+        let ok = v.is_finite() && v >= 0.0 && (name != "clip_eps" || (v > 0.0 && v < 1.0));
+        if !ok {
+            return Err(TpoError::BadConfig { name, requirement: req, got: v });
+        }
+    }
+    Ok(())
+}
+
+/// Validates a [`PpoConfig`] (shared with the CUDA backend).
+pub(crate) fn check_ppo(cfg: &PpoConfig) -> Result<()> {
+    if !(cfg.clip_eps.is_finite() && cfg.clip_eps > 0.0 && cfg.clip_eps < 1.0) {
+        return Err(TpoError::BadConfig {
+            name: "clip_eps",
+            requirement: "finite and in (0, 1)",
+            got: cfg.clip_eps,
+        });
+    }
+    Ok(())
+}
+
+/// Validates a [`DgConfig`] (shared with the CUDA backend).
+pub(crate) fn check_dg(cfg: &DgConfig) -> Result<()> {
+    if !(cfg.eta.is_finite() && cfg.eta > 0.0) {
+        return Err(TpoError::BadConfig { name: "eta", requirement: "finite and > 0", got: cfg.eta });
+    }
+    check_baseline(cfg.baseline)
+}
+
+/// Validates a [`Baseline`] (shared with the CUDA backend).
+pub(crate) fn check_baseline(b: Baseline) -> Result<()> {
     match b {
         Baseline::Constant(c) if !c.is_finite() => {
             Err(TpoError::BadConfig { name: "baseline", requirement: "finite", got: c })

@@ -17,6 +17,8 @@ use crate::scalar::Scalar;
 
 mod baselines;
 pub mod tokens;
+#[cfg(feature = "cuda")]
+pub(crate) use baselines::{check_baseline, check_dg, check_grpo, check_ppo};
 pub use baselines::{dg, grpo, ppo, reinforce, sigmoid, Baseline, DgConfig, GrpoConfig, PgConfig, PpoConfig};
 
 /// A stored target may deviate from summing to one by at most this much per group

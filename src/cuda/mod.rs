@@ -37,9 +37,11 @@ use std::sync::Arc;
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
+mod baselines;
 mod borrow;
 mod linear;
 mod tokens;
+pub use baselines::BaselineLoss;
 pub use borrow::{Borrowed, Window};
 pub use linear::{FusedLinear, LinearOutputs, GEMM_TILE};
 pub use tokens::{DeviceSequenceBatch, DeviceTarget, LogitsPathBuffers, PathAlloc, TokenBuffers};
@@ -137,6 +139,20 @@ fn inv_eta_parts(eta: f64) -> (f32, i32) {
 // SAFETY: `Params` is `repr(C)`, `Copy`, holds only plain integers and floats (device addresses
 // as u64), and its layout matches the C struct the kernels take by value.
 unsafe impl DeviceRepr for Params {}
+
+/// Kernel parameters of a group-per-warp/block launch: [`CudaTpo::launch_group`] sets the work
+/// list of each size class.
+trait GroupParams: DeviceRepr + Copy {
+    /// These parameters with the launch's work list: `num_items` groups, listed at `group_ids`
+    /// (0: groups `0..num_items`).
+    fn with_items(self, group_ids: u64, num_items: i64) -> Self;
+}
+
+impl GroupParams for Params {
+    fn with_items(self, group_ids: u64, num_items: i64) -> Self {
+        Self { group_ids, num_items, ..self }
+    }
+}
 
 /// A layout uploaded to the device once (ragged offsets as `i64`), reused by every call.
 ///
@@ -353,7 +369,12 @@ impl CudaTpo {
                 }
             }
         }
-        for (m, keys) in [(&tok_module, tokens::KERNEL_KEYS.to_vec()), (&module, group_keys)] {
+        let bl_module = load_fatbin(&ctx, "baselines")?;
+        for (m, keys) in [
+            (&tok_module, tokens::KERNEL_KEYS.to_vec()),
+            (&module, group_keys),
+            (&bl_module, baselines::kernel_keys()),
+        ] {
             for key in keys {
                 let n = key.name();
                 let f = m.load_function(&n).map_err(|e| cuda_err(&format!("missing kernel {n}"), e))?;
@@ -702,13 +723,13 @@ impl CudaTpo {
         self.kernels.get(&key).ok_or_else(|| TpoError::Cuda(format!("missing kernel {}", key.name())))
     }
 
-    fn launch_group(
+    fn launch_group<P: GroupParams>(
         &self,
         kind: &'static str,
         t: &'static str,
         g: Option<&'static str>,
         layout: &DeviceLayout,
-        params: Params,
+        params: P,
     ) -> Result<()> {
         for class in &layout.classes {
             let n = class.count as u64;
@@ -722,7 +743,7 @@ impl CudaTpo {
             let key = KernelKey::new(kind, path, t, g.unwrap_or(""));
             let f = self.kernel(key)?;
             let (p_ids, _ids) = opt_ptr(class.ids.as_ref(), &self.stream);
-            let params = Params { group_ids: p_ids, num_items: class.count as i64, ..params };
+            let params = params.with_items(p_ids, class.count as i64);
             let cfg = LaunchConfig {
                 grid_dim: (grid.max(1) as u32, 1, 1),
                 block_dim: (threads, 1, 1),
@@ -980,6 +1001,7 @@ mod tests {
     fn kernel_keys_name_the_ptx_entry_points() {
         let all: String = kernels::FATBIN.iter().flat_map(|(_, f)| fatbin_contents(f).0).collect();
         let mut keys = tokens::KERNEL_KEYS.to_vec();
+        keys.extend(baselines::kernel_keys());
         keys.push(KernelKey::new("fused", "block", "bf16", "f16"));
         keys.push(KernelKey::new("target", "warp", "f32", ""));
         for k in keys {
