@@ -28,12 +28,13 @@
 //! the library's one-line message; nothing panics on bad input.
 //!
 //! With the feature `candle-cuda` (candle-core's `cuda` beside tpo's `cuda`), [`group_loss`],
-//! [`loss_from_logits`] and [`policy_loss`]'s baselines (REINFORCE, PPO-clip, GRPO, DG) on an
+//! [`loss_from_logits`] and [`policy_loss`] (TPO through [`group_loss`]'s kernels with the
+//! rollout's target, the baselines REINFORCE, PPO-clip, GRPO and DG through theirs) on an
 //! `f32`, `bf16` or `f16` CUDA tensor run tpo's fused kernels on candle's CUDA storage and
 //! stream, with no host round trip of the tensors (the module `candle_cuda.rs` says how; the
 //! target and `seq_logp` are then `f32` tensors on the device; the rollout log-probs are read in
 //! the log-probs' dtype, the scores and advantages in `f32`). Every other case (a CPU tensor,
-//! `f64`, [`policy_loss`] with TPO, a Metal device, or a build without `candle-cuda`) takes the
+//! `f64`, a Metal device, or a build without `candle-cuda`) takes the
 //! host path: the same code for every device, through a
 //! host round trip. The CUDA path is type-checked in CI and has not been run yet (no GPU was
 //! available; `examples/candle_link` compares it with the CPU path on one); the host path on a
@@ -654,6 +655,12 @@ pub fn policy_loss(
     if logp.device().is_cuda() && logp.dtype() != DType::F64 {
         if let Some(loss) = cuda::baseline_of(method) {
             return cuda::policy_loss(loss, logp, logp_old, signal, layout, fit);
+        }
+        if let Method::Tpo(tc) = method {
+            // TPO's policy loss is group_loss with the rollout's target (cpu::target_and_fit).
+            let target = GroupTarget::Rollout { logp_old, scores: signal };
+            let g = cuda::group_loss(logp, layout, target, &LossConfig { target: *tc, fit: *fit })?;
+            return Ok(PolicyLoss { loss: g.loss, value: g.value, group_loss: g.group_loss, stats: g.stats });
         }
     }
     let signal_name = if matches!(method, Method::PpoClip(_)) { "advantages" } else { "scores" };
