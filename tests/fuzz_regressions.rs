@@ -309,3 +309,27 @@ fn logits_grad_with_nan_upstream_is_refused() {
     api_case(&case(1, &[0.0, 1.0], &[], &[f64::NAN], tokens(TokenCall::LogitsGrad, 1.0, 2, vec![0])));
     api_file("logits-grad-nan-upstream");
 }
+
+/// target_and_fit whose group gradient norm is subnormal (about 1.69e-321): the library's norm
+/// and the check's differed by one unit of the subnormal range's last place, two correct
+/// roundings of a value that has only a few significant bits; the check allows a few such units.
+#[test]
+fn target_and_fit_subnormal_grad_norm_within_a_few_subnormal_units() {
+    api_file("target-and-fit-grad-norm-subnormal-one-ulp");
+}
+
+/// Every raw input under fuzz/regressions/api/ replays through the checks, so a file kept there
+/// is never left out of the tests (one was, for a while, before this test).
+#[test]
+fn every_api_regression_file_replays() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/api");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in &names {
+        api_file(name);
+    }
+    assert!(names.len() >= 16, "only {} files in {}", names.len(), dir.display());
+}
