@@ -160,6 +160,29 @@ macro_rules! by_dtype {
     };
 }
 
+/// `impl CustomOp1` for an op that runs only on CUDA: its `name`; a `cpu_fwd` that refuses a CPU
+/// tensor with one line naming the op (`what`); a `cuda_fwd` that dispatches `fwd::<T>(op, s, l)`
+/// on the storage's dtype (`by_dtype!`); and the op's `bwd`, if it has one, given as is.
+macro_rules! cuda_op {
+    ($op:ty, $name:literal, $what:literal, $fwd:ident $(, $($bwd:tt)+)?) => {
+        impl CustomOp1 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                fail!(concat!("tpo::candle: the CUDA ", $what, " got a CPU tensor"))
+            }
+
+            fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+                by_dtype!(s, $fwd(self, s, l))
+            }
+
+            $($($bwd)+)?
+        }
+    };
+}
+
 // ---- the group loss ---------------------------------------------------------------------------
 
 struct GroupOp {
@@ -213,19 +236,11 @@ fn group_fwd<T: DeviceFloat + CudaDType>(
     Ok((CudaStorage::wrap_cuda_slice(fit.loss, dev.clone()), Shape::from(())))
 }
 
-impl CustomOp1 for GroupOp {
-    fn name(&self) -> &'static str {
-        "tpo-group-loss-cuda"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        fail!("tpo::candle: the CUDA group loss got a CPU tensor")
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        by_dtype!(s, group_fwd(self, s, l))
-    }
-
+cuda_op!(
+    GroupOp,
+    "tpo-group-loss-cuda",
+    "group loss",
+    group_fwd,
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let Some(q) = self.q.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             fail!("tpo::candle: backward before the op's forward");
@@ -233,7 +248,7 @@ impl CustomOp1 for GroupOp {
         let fit = FitConfig { grad_scale: upstream(grad_res)?, diagnostics: false, ..self.cfg.fit };
         arg.apply_op1_no_bwd(&GroupGradOp { layout: self.layout.clone(), q, fit }).map(Some)
     }
-}
+);
 
 /// `d(grad_scale * L)/dl` against a stored target, into a fresh storage in `l`'s dtype.
 struct GroupGradOp {
@@ -258,19 +273,7 @@ fn group_grad<T: DeviceFloat + CudaDType>(
     Ok((CudaStorage::wrap_cuda_slice(out.grad, s.device.clone()), l.shape().clone()))
 }
 
-impl CustomOp1 for GroupGradOp {
-    fn name(&self) -> &'static str {
-        "tpo-group-loss-cuda-grad"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        fail!("tpo::candle: the CUDA group loss's backward got a CPU tensor")
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        by_dtype!(s, group_grad(self, s, l))
-    }
-}
+cuda_op!(GroupGradOp, "tpo-group-loss-cuda-grad", "group loss's backward", group_grad);
 
 /// [`super::group_loss`] for a CUDA tensor (checked by the caller: 1-D, `f32`/`bf16`/`f16`, unit
 /// `grad_scale`).
@@ -397,19 +400,11 @@ fn logits_fwd<T: DeviceFloat + CudaDType>(
     Ok((CudaStorage::wrap_cuda_slice(out.group.fit.loss, dev.clone()), Shape::from(())))
 }
 
-impl CustomOp1 for LogitsOp {
-    fn name(&self) -> &'static str {
-        "tpo-loss-from-logits-cuda"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        fail!("tpo::candle: the CUDA loss from logits got a CPU tensor")
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        by_dtype!(s, logits_fwd(self, s, l))
-    }
-
+cuda_op!(
+    LogitsOp,
+    "tpo-loss-from-logits-cuda",
+    "loss from logits",
+    logits_fwd,
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let Some(q) = self.q.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             fail!("tpo::candle: backward before the op's forward");
@@ -427,7 +422,7 @@ impl CustomOp1 for LogitsOp {
         };
         arg.apply_op1_no_bwd(&LogitsGradOp { batch, q, cfg }).map(Some)
     }
-}
+);
 
 /// `dL/dlogits` for the stored target, written by the kernels over a copy of the logits.
 struct LogitsGradOp {
@@ -451,19 +446,7 @@ fn logits_grad<T: DeviceFloat + CudaDType>(
     Ok((CudaStorage::wrap_cuda_slice(g, s.device.clone()), l.shape().clone()))
 }
 
-impl CustomOp1 for LogitsGradOp {
-    fn name(&self) -> &'static str {
-        "tpo-loss-from-logits-cuda-grad"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        fail!("tpo::candle: the CUDA loss from logits' backward got a CPU tensor")
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        by_dtype!(s, logits_grad(self, s, l))
-    }
-}
+cuda_op!(LogitsGradOp, "tpo-loss-from-logits-cuda-grad", "loss from logits' backward", logits_grad);
 
 /// [`super::loss_from_logits`] for CUDA logits (checked by the caller: `[T, V]`,
 /// `f32`/`bf16`/`f16`, layouts consistent, unit `grad_scale`).
@@ -565,26 +548,18 @@ fn policy_fwd<T: DeviceFloat + CudaDType>(
     Ok((CudaStorage::wrap_cuda_slice(out.loss, dev.clone()), Shape::from(())))
 }
 
-impl CustomOp1 for PolicyOp {
-    fn name(&self) -> &'static str {
-        "tpo-policy-loss-cuda"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        fail!("tpo::candle: the CUDA policy loss got a CPU tensor")
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        by_dtype!(s, policy_fwd(self, s, l))
-    }
-
+cuda_op!(
+    PolicyOp,
+    "tpo-policy-loss-cuda",
+    "policy loss",
+    policy_fwd,
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         // The gradient at the current log-probs with the upstream gradient as grad_scale, as
         // the host path recomputes it.
         let fit = FitConfig { grad_scale: upstream(grad_res)?, diagnostics: false, ..self.fit };
         arg.apply_op1_no_bwd(&PolicyGradOp { inp: self.inp.clone(), fit }).map(Some)
     }
-}
+);
 
 /// `d(grad_scale * L)/dl` of a baseline, into a fresh storage in `l`'s dtype.
 struct PolicyGradOp {
@@ -603,19 +578,7 @@ fn policy_grad<T: DeviceFloat + CudaDType>(
     Ok((CudaStorage::wrap_cuda_slice(out.grad, s.device.clone()), l.shape().clone()))
 }
 
-impl CustomOp1 for PolicyGradOp {
-    fn name(&self) -> &'static str {
-        "tpo-policy-loss-cuda-grad"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        fail!("tpo::candle: the CUDA policy loss's backward got a CPU tensor")
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        by_dtype!(s, policy_grad(self, s, l))
-    }
-}
+cuda_op!(PolicyGradOp, "tpo-policy-loss-cuda-grad", "policy loss's backward", policy_grad);
 
 /// [`super::policy_loss`]'s baselines for a CUDA tensor (checked by the caller: 1-D,
 /// `f32`/`bf16`/`f16`, unit `grad_scale`). `logp_old` is read in `logp`'s dtype (rounded to it,
