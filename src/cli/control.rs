@@ -8,7 +8,7 @@
 //! `control_target.{png,svg}` (the first epoch's target against its anchor).
 
 use super::output::{self, Policy, Scratch};
-use super::plot::{register_font, seeds_text, step_ticks, LogAxis};
+use super::plot::{register_font, seeds_text, segments, step_ticks, LogAxis};
 use super::reproduce::ReproduceArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::coord::Shift;
@@ -728,7 +728,10 @@ fn returns_panel<DB: DrawingBackend>(
             chart.draw_series(std::iter::once(Polygon::new(band, c.mix(0.15).filled())))?;
         }
         chart
-            .draw_series(LineSeries::new(xs.iter().copied().zip(m.ret.0.iter().copied()), c.stroke_width(2)))?
+            .draw_series(segments(
+                &xs.iter().copied().zip(m.ret.0.iter().copied()).collect::<Vec<_>>(),
+                c.stroke_width(2),
+            ))?
             .label(m.method.label())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
     }
@@ -786,8 +789,8 @@ fn target_panel<DB: DrawingBackend>(
         let Some(t) = &m.target else { continue };
         let c = color(m.method);
         chart
-            .draw_series(LineSeries::new(
-                xs.iter().copied().zip(t[field].iter().copied()),
+            .draw_series(segments(
+                &xs.iter().copied().zip(t[field].iter().copied()).collect::<Vec<_>>(),
                 c.stroke_width(2),
             ))?
             .label(m.method.label())
@@ -858,7 +861,10 @@ fn log_panel<DB: DrawingBackend>(
             })
             .collect();
         chart
-            .draw_series(LineSeries::new(placed.iter().map(|&(x, y, _)| (x, y)), c.stroke_width(2)))?
+            .draw_series(segments(
+                &placed.iter().map(|&(x, y, _)| (x, y)).collect::<Vec<_>>(),
+                c.stroke_width(2),
+            ))?
             .label(m.method.label())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
         for &(x, y, below) in &placed {

@@ -203,6 +203,17 @@ impl LogAxis {
     }
 }
 
+/// A curve as separate two-point segments, for `draw_series`. One wide plotters path joins its
+/// segments with miters that are not limited on the inner side of a near-reversal: a mean that
+/// drops to the axis floor and back within one step drew a spike far outside the plot, in the
+/// PNG only (SVG viewers limit miters). Segments have no joins.
+pub fn segments<X: Clone>(pts: &[X], style: ShapeStyle) -> Vec<PathElement<X>> {
+    match pts {
+        [p] => vec![PathElement::new(vec![p.clone()], style)],
+        _ => pts.windows(2).map(|w| PathElement::new(w.to_vec(), style)).collect(),
+    }
+}
+
 /// "1e-4".
 pub fn decade_label(v: f64) -> String {
     format!("{v:.0e}")
@@ -406,7 +417,10 @@ fn panel<DB: DrawingBackend>(
             })
             .collect();
         chart
-            .draw_series(LineSeries::new(placed.iter().map(|&(x, y, _)| (x, y)), c.stroke_width(2)))?
+            .draw_series(segments(
+                &placed.iter().map(|&(x, y, _)| (x, y)).collect::<Vec<_>>(),
+                c.stroke_width(2),
+            ))?
             .label(s.method.name())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
         if few_points {
@@ -574,5 +588,35 @@ mod tests {
         assert_eq!(rich_parts("g_{CE}"), p(&[("g", false), ("CE", true)]));
         assert_eq!(rich_parts("error 1 − π(y*)"), p(&[("error 1 − π(y*)", false)]));
         assert_eq!(rich_parts("a_{b"), p(&[("a_{b", false)]));
+    }
+
+    /// Coloured pixels in rows `from..` of a drawn RGB buffer `w` wide.
+    fn coloured_rows_from(buf: &[u8], w: u32, from: u32) -> usize {
+        buf.chunks(3).enumerate().filter(|(i, px)| *i as u32 / w >= from && *px != [255, 255, 255]).count()
+    }
+
+    /// A 1000-step noisy curve whose mean drops to the axis floor and back at single steps (as
+    /// the 20-seed DG mean hitting 0): drawn as one wide plotters path, its unlimited inner miters
+    /// put spikes far below the plot (at 600 x 300 here); as [`segments`], nothing is drawn below
+    /// the plotting area at any of these sizes.
+    #[test]
+    fn a_curve_touching_the_floor_stays_inside_the_plot() {
+        let mean =
+            |t: usize| if t % 97 == 50 { 0.0 } else { 10f64.powf(-3.5 + 0.5 * (t as f64 * 1.7).sin()) };
+        let pts: Vec<(f64, f64)> = (0..1000).map(|t| (t as f64, mean(t).clamp(1e-5, 1.0).log10())).collect();
+        for (w, h) in [(400u32, 300u32), (600, 300), (600, 500), (875, 500)] {
+            let plot_h = h - 100;
+            let mut buf = vec![255u8; (w * h * 3) as usize];
+            {
+                let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+                let (plot, _) = root.split_vertically(plot_h);
+                let mut chart =
+                    ChartBuilder::on(&plot).build_cartesian_2d(0.0..999.0f64, -5.0..0.0f64).unwrap();
+                chart.draw_series(segments(&pts, RED.stroke_width(2))).unwrap();
+                root.present().unwrap();
+            }
+            assert!(coloured_rows_from(&buf, w, 0) > 0, "{w} x {h}: nothing was drawn");
+            assert_eq!(coloured_rows_from(&buf, w, plot_h + 2), 0, "{w} x {h}: pixels drawn below the plot");
+        }
     }
 }

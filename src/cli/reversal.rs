@@ -2,7 +2,9 @@
 //! through `tpo::candle`), with its summary, per-seed curves and figures.
 
 use super::output::{self, Policy, Scratch};
-use super::plot::{clipped, decade, decade_label, register_font, seeds_text, step_ticks, LogAxis, Ticked};
+use super::plot::{
+    clipped, decade, decade_label, register_font, seeds_text, segments, step_ticks, LogAxis, Ticked,
+};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::coord::Shift;
@@ -443,7 +445,7 @@ fn figure<DB: DrawingBackend>(
         let pts: Vec<(f64, f64)> =
             xs.iter().zip(&s.mean).map(|(&x, &m)| (x, y_of(axis.place(m).0))).collect();
         chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+            .draw_series(segments(&pts, c.stroke_width(2)))?
             .label(s.method.name())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
         for (&(x, y), &m) in pts.iter().zip(&s.mean) {
