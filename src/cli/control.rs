@@ -728,10 +728,7 @@ fn returns_panel<DB: DrawingBackend>(
             chart.draw_series(std::iter::once(Polygon::new(band, c.mix(0.15).filled())))?;
         }
         chart
-            .draw_series(segments(
-                &xs.iter().copied().zip(m.ret.0.iter().copied()).collect::<Vec<_>>(),
-                c.stroke_width(2),
-            ))?
+            .draw_series(segments(xs.iter().copied().zip(m.ret.0.iter().copied()), c.stroke_width(2)))?
             .label(m.method.label())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
     }
@@ -789,10 +786,7 @@ fn target_panel<DB: DrawingBackend>(
         let Some(t) = &m.target else { continue };
         let c = color(m.method);
         chart
-            .draw_series(segments(
-                &xs.iter().copied().zip(t[field].iter().copied()).collect::<Vec<_>>(),
-                c.stroke_width(2),
-            ))?
+            .draw_series(segments(xs.iter().copied().zip(t[field].iter().copied()), c.stroke_width(2)))?
             .label(m.method.label())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
     }
@@ -861,10 +855,7 @@ fn log_panel<DB: DrawingBackend>(
             })
             .collect();
         chart
-            .draw_series(segments(
-                &placed.iter().map(|&(x, y, _)| (x, y)).collect::<Vec<_>>(),
-                c.stroke_width(2),
-            ))?
+            .draw_series(segments(placed.iter().map(|&(x, y, _)| (x, y)), c.stroke_width(2)))?
             .label(m.method.label())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
         for &(x, y, below) in &placed {

@@ -207,8 +207,9 @@ impl LogAxis {
 /// segments with miters that are not limited on the inner side of a near-reversal: a mean that
 /// drops to the axis floor and back within one step drew a spike far outside the plot, in the
 /// PNG only (SVG viewers limit miters). Segments have no joins.
-pub fn segments<X: Clone>(pts: &[X], style: ShapeStyle) -> Vec<PathElement<X>> {
-    match pts {
+pub fn segments<X: Clone>(pts: impl IntoIterator<Item = X>, style: ShapeStyle) -> Vec<PathElement<X>> {
+    let pts: Vec<X> = pts.into_iter().collect();
+    match pts.as_slice() {
         [p] => vec![PathElement::new(vec![p.clone()], style)],
         _ => pts.windows(2).map(|w| PathElement::new(w.to_vec(), style)).collect(),
     }
@@ -417,10 +418,7 @@ fn panel<DB: DrawingBackend>(
             })
             .collect();
         chart
-            .draw_series(segments(
-                &placed.iter().map(|&(x, y, _)| (x, y)).collect::<Vec<_>>(),
-                c.stroke_width(2),
-            ))?
+            .draw_series(segments(placed.iter().map(|&(x, y, _)| (x, y)), c.stroke_width(2)))?
             .label(s.method.name())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
         if few_points {
@@ -612,7 +610,7 @@ mod tests {
                 let (plot, _) = root.split_vertically(plot_h);
                 let mut chart =
                     ChartBuilder::on(&plot).build_cartesian_2d(0.0..999.0f64, -5.0..0.0f64).unwrap();
-                chart.draw_series(segments(&pts, RED.stroke_width(2))).unwrap();
+                chart.draw_series(segments(pts.iter().copied(), RED.stroke_width(2))).unwrap();
                 root.present().unwrap();
             }
             assert!(coloured_rows_from(&buf, w, 0) > 0, "{w} x {h}: nothing was drawn");

@@ -445,7 +445,7 @@ fn figure<DB: DrawingBackend>(
         let pts: Vec<(f64, f64)> =
             xs.iter().zip(&s.mean).map(|(&x, &m)| (x, y_of(axis.place(m).0))).collect();
         chart
-            .draw_series(segments(&pts, c.stroke_width(2)))?
+            .draw_series(segments(pts.iter().copied(), c.stroke_width(2)))?
             .label(s.method.name())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
         for (&(x, y), &m) in pts.iter().zip(&s.mean) {
