@@ -1,0 +1,68 @@
+"""Per-step time of the authors' JAX code on this machine's CPU: the JAX side of BENCHMARKS.md's
+side-by-side comparison with `cargo run --release --example reversal_bench`.
+
+    python scripts/jax_bench.py STEPS [METHOD ...]
+
+It needs a checkout of the authors' repository (JeanKaddour/tpo), kept outside this one, whose
+`src/` is found through TPO_JAX_SRC (default /tmp/jaxtpo/src), and jax, flax and optax in the
+Python that runs it (BENCHMARKS.md names the versions). It calls their
+`_build_trial_run_fns(...)` (the jitted per-seed run of `_trial.py`) for one seed, B = 100, K = 8,
+4 epochs, V = 2, with STEPS episodes: once (compile + run, printed), then twice more, and prints
+the faster repeat divided by STEPS (compile excluded). Methods: tpo_token, grpo_token, ppo, dg
+(bag-of-tokens reward, H = 10) and tpo, grpo (terminal reward, H = 7); default: all six.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.environ.get("TPO_JAX_SRC", "/tmp/jaxtpo/src"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from tpo.experiments._trial import _build_trial_run_fns  # noqa: E402
+
+CASES = [
+    ("tpo_token", 10, "bag_of_tokens"),
+    ("grpo_token", 10, "bag_of_tokens"),
+    ("ppo", 10, "bag_of_tokens"),
+    ("dg", 10, "bag_of_tokens"),
+    ("tpo", 7, "terminal"),
+    ("grpo", 7, "terminal"),
+]
+
+
+def bench(algo, h, reward, steps, reps=2):
+    # Positional arguments of _build_trial_run_fns: algorithms, H, V, episodes, B, lr, eta,
+    # PPO clip, epochs, K, task, reward, TPO's eta.
+    fns = _build_trial_run_fns((algo,), h, 2, steps, 100, 1e-4, 1.0, 0.2, 4, 8, "reverse_copy", reward, 1.0)
+    f = fns[algo]
+    seeds = jnp.arange(0, 1)
+    t = time.time()
+    jax.block_until_ready(f(seeds))
+    c = time.time() - t
+    runs = []
+    for _ in range(reps):
+        t = time.time()
+        jax.block_until_ready(f(seeds))
+        runs.append(time.time() - t)
+    r = min(runs)
+    print(
+        f"jax {algo:<11} {reward:<13} H={h} compile+run {c:7.2f} s, run {r:7.2f} s "
+        f"({steps} steps): {r / steps:.4f} s/step",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or not sys.argv[1].isdigit() or int(sys.argv[1]) < 1:
+        sys.exit("usage: python scripts/jax_bench.py STEPS [METHOD ...]  (STEPS >= 1)")
+    steps = int(sys.argv[1])
+    only = sys.argv[2:] or None
+    known = {a for a, _, _ in CASES}
+    bad = [m for m in (only or []) if m not in known]
+    if bad:
+        sys.exit(f"unknown method {bad[0]!r}: one of {', '.join(a for a, _, _ in CASES)}")
+    for a, h, r in CASES:
+        if only is None or a in only:
+            bench(a, h, r, steps)
