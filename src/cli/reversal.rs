@@ -220,11 +220,7 @@ pub fn run(r: Request) -> Result<(), String> {
         cfg.k,
         seeds_text(seeds)
     );
-    let y_label = match reward {
-        Reward::Bag => "sequence error (1 − mean token reward)",
-        Reward::Terminal => "exact-match error",
-    };
-    draw(r.out, "reversal", &policy, &title, y_label, &stats, seeds)?;
+    draw(r.out, "reversal", &policy, &title, y_axis(reward), &stats, seeds)?;
 
     println!("Token reversal, {} reward, V = {vocab}, H = {length}: {metric}", reward_name(reward));
     println!("{:<12}{:>20}{:>22}{:>14}", "method", "final (± s.e.)", "steps to 1% error", "best mean");
@@ -306,6 +302,27 @@ impl Stats {
     }
 }
 
+/// The error axis of a reward: its short label (on every panel) and its definition (in the
+/// caption).
+#[derive(Clone, Copy)]
+struct YAxis {
+    label: &'static str,
+    meaning: &'static str,
+}
+
+fn y_axis(reward: Reward) -> YAxis {
+    match reward {
+        Reward::Bag => YAxis {
+            label: "sequence error",
+            meaning: "Sequence error: 1 − the mean token reward of the step's rollouts (the fraction of answer positions that are wrong).",
+        },
+        Reward::Terminal => YAxis {
+            label: "exact-match error",
+            meaning: "Exact-match error: 1 − the fraction of the step's rollouts that equal the reversed prompt.",
+        },
+    }
+}
+
 fn color(m: Method) -> RGBColor {
     match m {
         Method::TpoToken | Method::Tpo => RGBColor(148, 103, 189),
@@ -331,7 +348,7 @@ fn draw(
     stem: &str,
     policy: &Policy,
     title: &str,
-    y_label: &str,
+    y: YAxis,
     stats: &[Stats],
     seeds: usize,
 ) -> Result<(), String> {
@@ -341,18 +358,18 @@ fn draw(
     let base = scratch.path().join(stem);
     let rename = |msg: String| msg.replace(&scratch.path().display().to_string(), &out.display().to_string());
     register_font();
-    let size = (1000, 650);
+    let size = figure_size(stats.len(), caption(stats, &shared_axis(stats), y, seeds).len());
     {
         let png = base.with_extension("png");
         let root = BitMapBackend::new(&png, size).into_drawing_area();
-        figure(&root, title, y_label, stats, seeds)
+        figure(&root, title, y, stats, seeds)
             .map_err(|e| rename(format!("drawing {}: {e}", png.display())))?;
         root.present().map_err(|e| rename(format!("writing {}: {e}", png.display())))?;
     }
     {
         let svg = base.with_extension("svg");
         let root = SVGBackend::new(&svg, size).into_drawing_area();
-        figure(&root, title, y_label, stats, seeds)
+        figure(&root, title, y, stats, seeds)
             .map_err(|e| rename(format!("drawing {}: {e}", svg.display())))?;
         root.present().map_err(|e| rename(format!("writing {}: {e}", svg.display())))?;
     }
@@ -367,33 +384,33 @@ fn draw(
 
 type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
-fn figure<DB: DrawingBackend>(
-    root: &DrawingArea<DB, Shift>,
-    title: &str,
-    y_label: &str,
-    stats: &[Stats],
-    seeds: usize,
-) -> DrawResult<DB> {
-    root.fill(&WHITE)?;
-    let root = root.titled(title, ("sans-serif", 20))?;
-    let axis = LogAxis::from_data(stats.iter().flat_map(|s| {
-        let upper: Vec<f64> = match &s.se {
-            Some(se) => s.mean.iter().zip(se).map(|(m, e)| m + e).collect(),
-            None => Vec::new(),
-        };
-        s.mean.iter().copied().chain(upper).chain(std::iter::once(THRESHOLD))
-    }));
-    let cl = clipped(&axis, stats.iter().map(|s| (s.method.name(), s.mean.as_slice())));
-    let mut lines = vec![if seeds >= 2 {
+/// Pixel heights of the figure: one panel per method, stacked, sharing the step axis.
+const PANEL_H: u32 = 190;
+const X_LABELS_H: u32 = 45;
+const WIDTH: u32 = 1000;
+
+/// The figure's size in pixels for `methods` panels and `notes` lines of caption.
+fn figure_size(methods: usize, notes: usize) -> (u32, u32) {
+    (WIDTH, 30 + PANEL_H * methods as u32 + X_LABELS_H + 8 + 20 * notes as u32)
+}
+
+/// The caption under the panels: what lines and bands are, and what sits on the bottom edge.
+fn caption(stats: &[Stats], axis: &LogAxis, y: YAxis, seeds: usize) -> Vec<String> {
+    let mut lines = vec![y.meaning.to_string()];
+    lines.push(if seeds >= 2 {
         format!(
-            "Lines: mean over {}. Shaded bands: ±1 standard error of the mean (s.d. over seeds / √{seeds}).",
+            "One panel per method. Coloured line: its mean over {}; shaded band: ±1 standard error of the mean (s.d. over seeds / √{seeds}).",
             seeds_text(seeds)
         )
     } else {
-        "Lines: 1 seed. No bands: one seed has no standard error.".to_string()
-    }];
-    lines.push("Dashed grey line: the 1% threshold of “steps to 1% error”.".to_string());
-    lines.extend(cl.notes());
+        "One panel per method. Coloured line: its 1 seed (no bands: one seed has no standard error)."
+            .to_string()
+    });
+    lines.push(
+        "Thin grey lines: the other methods' coloured lines, for comparison. Dashed grey line: the 1% threshold of “steps to 1% error”."
+            .to_string(),
+    );
+    lines.extend(clipped(axis, stats.iter().map(|s| (s.method.name(), s.mean.as_slice()))).notes());
     let cut = stats
         .iter()
         .any(|s| s.se.as_ref().is_some_and(|se| s.mean.iter().zip(se).any(|(m, e)| m - e < axis.floor())));
@@ -402,30 +419,82 @@ fn figure<DB: DrawingBackend>(
             "Lower band edges below the bottom of the log axis (or at or below 0) are cut there.".to_string(),
         );
     }
-    let (_, h) = root.dim_in_pixel();
-    let (body, footer) = root.split_vertically(h.saturating_sub(10 + 20 * lines.len() as u32));
-    let steps = stats[0].mean.len();
+    lines
+}
+
+/// The log axis every panel shares: every mean, every upper band edge and the threshold.
+fn shared_axis(stats: &[Stats]) -> LogAxis {
+    LogAxis::from_data(stats.iter().flat_map(|s| {
+        let upper: Vec<f64> = match &s.se {
+            Some(se) => s.mean.iter().zip(se).map(|(m, e)| m + e).collect(),
+            None => Vec::new(),
+        };
+        s.mean.iter().copied().chain(upper).chain(std::iter::once(THRESHOLD))
+    }))
+}
+
+fn figure<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    y: YAxis,
+    stats: &[Stats],
+    seeds: usize,
+) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 20))?;
+    let axis = shared_axis(stats);
+    let lines = caption(stats, &axis, y, seeds);
+    let n = stats.len() as u32;
+    let (body, footer) = root.split_vertically(PANEL_H * n + X_LABELS_H);
+    let mut rest = body;
+    for (i, s) in stats.iter().enumerate() {
+        let last = i + 1 == stats.len();
+        let (area, below) = rest.split_vertically(PANEL_H + if last { X_LABELS_H } else { 0 });
+        panel(&area, s, stats, &axis, y.label, last)?;
+        rest = below;
+    }
+    let small = ("sans-serif", 15).into_font().color(&BLACK);
+    for (i, line) in lines.iter().enumerate() {
+        footer.draw_text(line, &small, (20, 2 + 20 * i as i32))?;
+    }
+    Ok(())
+}
+
+/// One method's panel: its mean and band in its colour over the other methods' means in grey;
+/// step labels only on the bottom panel.
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    s: &Stats,
+    all: &[Stats],
+    axis: &LogAxis,
+    y_label: &str,
+    bottom: bool,
+) -> DrawResult<DB> {
+    let steps = s.mean.len();
     let (x0, x1) = (0.0, (steps.max(2) - 1) as f64);
     let (lo, hi) = (axis.floor(), decade(axis.hi));
     let y_of = |v: f64| v.clamp(lo, hi).log10();
-    let mut chart = ChartBuilder::on(&body)
-        .margin(12)
+    let mut chart = ChartBuilder::on(area)
+        .margin_left(12)
+        .margin_top(8)
+        .margin_bottom(if bottom { 8 } else { 0 })
         .margin_right(30)
-        .x_label_area_size(45)
+        .x_label_area_size(if bottom { X_LABELS_H - 8 } else { 0 })
         .y_label_area_size(80)
         .build_cartesian_2d(
             Ticked { range: x0..x1, bold: step_ticks(x0, x1), light: Vec::new() },
             axis.ticked(),
         )?;
-    chart
-        .configure_mesh()
-        .x_desc("step (error of the step's rollouts, before its update)")
-        .y_desc(y_label)
+    let mut mesh = chart.configure_mesh();
+    mesh.y_desc(y_label)
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| decade_label(decade(v.round() as i32)))
         .label_style(("sans-serif", 14))
-        .axis_desc_style(("sans-serif", 16))
-        .draw()?;
+        .axis_desc_style(("sans-serif", 15));
+    if bottom {
+        mesh.x_desc("step (error of the step's rollouts, before its update)");
+    }
+    mesh.draw()?;
     let thr = y_of(THRESHOLD);
     chart.draw_series(DashedLineSeries::new(
         vec![(x0, thr), (x1, thr)],
@@ -433,39 +502,110 @@ fn figure<DB: DrawingBackend>(
         6,
         RGBColor(120, 120, 120).stroke_width(1),
     ))?;
-    for s in stats {
-        let c = color(s.method);
-        let xs: Vec<f64> = (0..s.mean.len()).map(|t| t as f64).collect();
-        if let Some(se) = &s.se {
-            let mut band: Vec<(f64, f64)> =
-                xs.iter().zip(s.mean.iter().zip(se)).map(|(&x, (m, e))| (x, y_of(m + e))).collect();
-            band.extend(xs.iter().zip(s.mean.iter().zip(se)).rev().map(|(&x, (m, e))| (x, y_of(m - e))));
-            chart.draw_series(std::iter::once(Polygon::new(band, c.mix(0.18).filled())))?;
-        }
+    // The others' means at width 1: one path each (plotters draws a 1-pixel path segment by
+    // segment, without the joins that [`segments`] avoids for wide lines).
+    let grey = RGBColor(150, 150, 150);
+    for (k, o) in all.iter().filter(|o| o.method != s.method).enumerate() {
         let pts: Vec<(f64, f64)> =
-            xs.iter().zip(&s.mean).map(|(&x, &m)| (x, y_of(axis.place(m).0))).collect();
-        chart
-            .draw_series(segments(pts.iter().copied(), c.stroke_width(2)))?
-            .label(s.method.name())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
-        for (&(x, y), &m) in pts.iter().zip(&s.mean) {
-            if axis.place(m).1 {
-                let tri =
-                    EmptyElement::at((x, y)) + Polygon::new(vec![(-5, -9), (5, -9), (0, -1)], c.filled());
-                chart.plotting_area().draw(&tri)?;
-            }
+            o.mean.iter().enumerate().map(|(t, &m)| (t as f64, y_of(axis.place(m).0))).collect();
+        let drawn =
+            chart.draw_series(std::iter::once(PathElement::new(pts, grey.mix(0.55).stroke_width(1))))?;
+        if k == 0 {
+            drawn
+                .label("the other methods")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], grey.stroke_width(2)));
+        }
+    }
+    let c = color(s.method);
+    let xs: Vec<f64> = (0..steps).map(|t| t as f64).collect();
+    if let Some(se) = &s.se {
+        let mut band: Vec<(f64, f64)> =
+            xs.iter().zip(s.mean.iter().zip(se)).map(|(&x, (m, e))| (x, y_of(m + e))).collect();
+        band.extend(xs.iter().zip(s.mean.iter().zip(se)).rev().map(|(&x, (m, e))| (x, y_of(m - e))));
+        chart.draw_series(std::iter::once(Polygon::new(band, c.mix(0.22).filled())))?;
+    }
+    let pts: Vec<(f64, f64)> = xs.iter().zip(&s.mean).map(|(&x, &m)| (x, y_of(axis.place(m).0))).collect();
+    chart
+        .draw_series(segments(pts.iter().copied(), c.stroke_width(2)))?
+        .label(s.method.name())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
+    for (&(x, y), &m) in pts.iter().zip(&s.mean) {
+        if axis.place(m).1 {
+            let tri = EmptyElement::at((x, y)) + Polygon::new(vec![(-5, -9), (5, -9), (0, -1)], c.filled());
+            chart.plotting_area().draw(&tri)?;
         }
     }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerLeft)
-        .label_font(("sans-serif", 15))
+        .label_font(("sans-serif", 14))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
-    let small = ("sans-serif", 15).into_font().color(&BLACK);
-    for (i, line) in lines.iter().enumerate() {
-        footer.draw_text(line, &small, (20, 2 + 20 * i as i32))?;
-    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Draws the figure into memory and returns its pixels and size.
+    fn render(stats: &[Stats], seeds: usize) -> (Vec<u8>, (u32, u32)) {
+        register_font();
+        let y = y_axis(Reward::Terminal);
+        let size = figure_size(stats.len(), caption(stats, &shared_axis(stats), y, seeds).len());
+        let mut buf = vec![0u8; (size.0 * size.1 * 3) as usize];
+        {
+            let root = BitMapBackend::with_buffer(&mut buf, size).into_drawing_area();
+            figure(&root, "test", y, stats, seeds).unwrap();
+            root.present().unwrap();
+        }
+        (buf, size)
+    }
+
+    #[test]
+    fn each_method_is_drawn_in_its_own_panel_in_order() {
+        // Five methods whose curves cross each other, two seeds (bands), zeros (markers).
+        let methods = Method::for_reward(Reward::Terminal);
+        let stats: Vec<Stats> = methods
+            .iter()
+            .enumerate()
+            .map(|(k, &m)| {
+                let curve = |phase: f64| -> Vec<f64> {
+                    (0..300i32)
+                        .map(|t| {
+                            let v = 0.5 + 0.5 * (f64::from(t) / (20.0 + 7.0 * k as f64) + phase).sin();
+                            if t % 97 == 0 {
+                                0.0
+                            } else {
+                                v * 10f64.powi(-t / 100)
+                            }
+                        })
+                        .collect()
+                };
+                Stats::new(m, &[curve(0.0), curve(1.0)])
+            })
+            .collect();
+        let (buf, (w, h)) = render(&stats, 2);
+        let mut last_bottom = 0;
+        for s in &stats {
+            let RGBColor(r, g, b) = color(s.method);
+            let rows: Vec<u32> = (0..h)
+                .filter(|&y| (0..w).any(|x| buf[((y * w + x) * 3) as usize..][..3] == [r, g, b]))
+                .collect();
+            let (top, bottom) = (*rows.first().expect("the method is drawn"), *rows.last().unwrap());
+            assert!(
+                top >= last_bottom,
+                "{}: drawn at rows {top}..{bottom}, above the panel before it",
+                s.method.name()
+            );
+            assert!(bottom - top <= PANEL_H + X_LABELS_H, "{}: spans rows {top}..{bottom}", s.method.name());
+            last_bottom = bottom;
+        }
+        // The caption fits: nothing is drawn in the last rows.
+        assert!(
+            buf[((h - 4) * w * 3) as usize..].iter().all(|&v| v == 255),
+            "the caption runs off the figure"
+        );
+    }
 }
