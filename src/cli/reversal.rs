@@ -406,10 +406,12 @@ fn caption(stats: &[Stats], axis: &LogAxis, y: YAxis, seeds: usize) -> Vec<Strin
         "One panel per method. Coloured line: its 1 seed (no bands: one seed has no standard error)."
             .to_string()
     });
-    lines.push(
-        "Thin grey lines: the other methods' coloured lines, for comparison. Dashed grey line: the 1% threshold of “steps to 1% error”."
-            .to_string(),
-    );
+    let others = if stats.len() > 1 {
+        "Thin grey lines: the other methods' lines (without bands or ▼), for comparison. "
+    } else {
+        ""
+    };
+    lines.push(format!("{others}Dashed grey line: the 1% threshold of “steps to 1% error”."));
     lines.extend(clipped(axis, stats.iter().map(|s| (s.method.name(), s.mean.as_slice()))).notes());
     let cut = stats
         .iter()
@@ -476,7 +478,7 @@ fn panel<DB: DrawingBackend>(
     let y_of = |v: f64| v.clamp(lo, hi).log10();
     let mut chart = ChartBuilder::on(area)
         .margin_left(12)
-        .margin_top(8)
+        .margin_top(14)
         .margin_bottom(if bottom { 8 } else { 0 })
         .margin_right(30)
         .x_label_area_size(if bottom { X_LABELS_H - 8 } else { 0 })
@@ -587,24 +589,28 @@ mod tests {
             })
             .collect();
         let (buf, (w, h)) = render(&stats, 2);
+        // Pixels of a method's exact colour right of the legend (which holds a swatch of it):
+        // its line, which spans every step.
+        let px = |x: u32, y: u32| &buf[((y * w + x) * 3) as usize..][..3];
         let mut last_bottom = 0;
         for s in &stats {
             let RGBColor(r, g, b) = color(s.method);
-            let rows: Vec<u32> = (0..h)
-                .filter(|&y| (0..w).any(|x| buf[((y * w + x) * 3) as usize..][..3] == [r, g, b]))
-                .collect();
+            let hit = |x: u32, y: u32| px(x, y) == [r, g, b];
+            let rows: Vec<u32> = (0..h).filter(|&y| (400..w).any(|x| hit(x, y))).collect();
             let (top, bottom) = (*rows.first().expect("the method is drawn"), *rows.last().unwrap());
+            let columns = (400..w).filter(|&x| (0..h).any(|y| hit(x, y))).count() as u32;
+            assert!(columns > (w - 400) / 2, "{}: its line covers {columns} columns", s.method.name());
             assert!(
                 top >= last_bottom,
                 "{}: drawn at rows {top}..{bottom}, above the panel before it",
                 s.method.name()
             );
-            assert!(bottom - top <= PANEL_H + X_LABELS_H, "{}: spans rows {top}..{bottom}", s.method.name());
+            assert!(bottom - top <= PANEL_H, "{}: spans rows {top}..{bottom}", s.method.name());
             last_bottom = bottom;
         }
         // The caption fits: nothing is drawn in the last rows.
         assert!(
-            buf[((h - 4) * w * 3) as usize..].iter().all(|&v| v == 255),
+            buf[((h - 12) * w * 3) as usize..].iter().all(|&v| v == 255),
             "the caption runs off the figure"
         );
     }
