@@ -32,10 +32,18 @@ fn tpo_sh(dir: &Path, pre: &str, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A path in this process's scratch folder. The folder is emptied at its first use: one left by
+/// an earlier run whose process had the same id (ids wrap) would hold outputs that `tpo` refuses
+/// to overwrite, failing the tests that write them.
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tpo-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("tpo-cli-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+    .join(name)
 }
 
 enum T<'a> {
