@@ -16,6 +16,10 @@
 //! thread and rounded once to the tensor's dtype (`f32` or `f64`), so the results are the same
 //! bits run to run and for any thread count; they are close to, not bit-identical with, the
 //! composite forms' (which round every intermediate to the dtype). CPU tensors only.
+//!
+//! Their loops are compiled once per instruction set (baseline x86-64, AVX2 with FMA and, with the
+//! feature `avx512`, AVX-512) and run in the widest the processor has (a private `widest`, through
+//! `pulp`); every copy gives the same bits (a unit test compares them block by block).
 
 use std::sync::OnceLock;
 
@@ -37,25 +41,43 @@ trait Real: WithDType + Copy {
 }
 
 impl Real for f32 {
+    #[inline(always)]
     fn f(self) -> f64 {
         f64::from(self)
     }
+    #[inline(always)]
     fn of(x: f64) -> Self {
         x as f32
     }
     fn gelu_row(xs: &[f32], b: &[f32], ys: &mut [f32], ds: &mut [f32]) {
+        widest(GeluRowF32 { xs, b, ys, ds });
+    }
+}
+
+/// [`Real::gelu_row`] for `f32`, run by [`widest`].
+struct GeluRowF32<'a> {
+    xs: &'a [f32],
+    b: &'a [f32],
+    ys: &'a mut [f32],
+    ds: &'a mut [f32],
+}
+
+impl Block for GeluRowF32<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run<S: pulp::Simd>(self) {
         const C2: f32 = (2.0 * GELU_C) as f32;
         const A: f32 = GELU_A as f32;
-        let sig = |z: f32| 1.0 / (1.0 + exp_f32(-C2 * (z + A * z * z * z)));
+        let Self { xs, b, ys, ds } = self;
         if ds.is_empty() {
             for ((y, &x), &bj) in ys.iter_mut().zip(xs).zip(b) {
                 let z = x + bj;
-                *y = z * sig(z);
+                *y = z * gelu_sig_f32(z);
             }
         } else {
             for (((y, d), &x), &bj) in ys.iter_mut().zip(ds.iter_mut()).zip(xs).zip(b) {
                 let z = x + bj;
-                let s = sig(z);
+                let s = gelu_sig_f32(z);
                 *y = z * s;
                 *d = s + z * s * (1.0 - s) * C2 * (1.0 + 3.0 * A * z * z);
             }
@@ -63,10 +85,49 @@ impl Real for f32 {
     }
 }
 
+/// A piece of a fused op's work (a block of rows, a sequence), written once and compiled by
+/// [`widest`] once per instruction set: `run`'s body, and what it calls, are `#[inline(always)]`
+/// and `S` keeps the copies apart.
+trait Block {
+    type Out;
+    fn run<S: pulp::Simd>(self) -> Self::Out;
+}
+
+struct Widest<B>(B);
+
+impl<B: Block> pulp::WithSimd for Widest<B> {
+    type Output = B::Out;
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> B::Out {
+        self.0.run::<S>()
+    }
+}
+
+/// Runs `block` in its copy for the widest instruction set this processor has, as `pulp` finds it
+/// at run time: AVX-512 (feature `avx512`), AVX2 with FMA, or baseline x86-64 (SSE2). The loops'
+/// vectors are then 8 `f64` or 16 `f32` lanes wide instead of 2 or 4, and the results are the same
+/// bits in every copy: each lane does the same operations in the same order, because Rust never
+/// fuses a multiply and an add, nor reorders a sum, on its own (`tests/fused.rs` holds the ops to
+/// their composite forms; the reversal runs were checked equal, bit for bit, with and without).
+#[inline(always)]
+fn widest<B: Block>(block: B) -> B::Out {
+    pulp::Arch::new().dispatch(Widest(block))
+}
+
+/// `sigmoid(2 c (z + a z^3))` in `f32`, so that `gelu(z) = z` times it.
+#[inline(always)]
+fn gelu_sig_f32(z: f32) -> f32 {
+    const C2: f32 = (2.0 * GELU_C) as f32;
+    const A: f32 = GELU_A as f32;
+    1.0 / (1.0 + exp_f32(-C2 * (z + A * z * z * z)))
+}
+
 impl Real for f64 {
+    #[inline(always)]
     fn f(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn of(x: f64) -> Self {
         x
     }
@@ -89,6 +150,7 @@ impl Real for f64 {
 /// degree-7 polynomial, and `2^k` built in the exponent bits. Relative error below `3e-7` over
 /// the whole range (the unit test below, against `f64::exp`; `tests/fused.rs` checks
 /// [`bias_gelu`] built on it). NaN stays NaN.
+#[inline(always)]
 fn exp_f32(x: f32) -> f32 {
     const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -201,6 +263,7 @@ struct LnSaved {
 }
 
 /// Per row: mean and `1/sqrt(var + eps)`.
+#[inline(always)]
 fn row_stats<T: Real>(row: &[T], eps: f64) -> (f64, f64) {
     let d = row.len() as f64;
     let mu = lanes(row, row, |v, _| v) / d;
@@ -217,19 +280,7 @@ fn ln_fwd<T: Real>(x: &[T], g: &[T], b: &[T], eps: f64, save: bool) -> (Vec<T>, 
     let mut xh = vec![0.0f64; if save { x.len() } else { 0 }];
     let mut r = vec![0.0f64; if save { rows } else { 0 }];
     let one = |xs: &[T], ys: &mut [T], hs: &mut [f64], rs: &mut [f64]| {
-        for (ri, (row, yr)) in xs.chunks_exact(d).zip(ys.chunks_exact_mut(d)).enumerate() {
-            let (mu, rr) = row_stats(row, eps);
-            for (j, ((&v, &gj), &bj)) in row.iter().zip(g).zip(b).enumerate() {
-                let h = (v.f() - mu) * rr;
-                if save {
-                    hs[ri * d + j] = h;
-                }
-                yr[j] = T::of(gj.f() * h + bj.f());
-            }
-            if save {
-                rs[ri] = rr;
-            }
-        }
+        widest(LnFwdRows { xs, g, b, eps, save, ys, hs, rs });
     };
     if save {
         x.par_chunks(ROWS * d)
@@ -247,6 +298,40 @@ fn ln_fwd<T: Real>(x: &[T], g: &[T], b: &[T], eps: f64, save: bool) -> (Vec<T>, 
     (y, LnSaved { xh, r })
 }
 
+/// A block of [`ln_fwd`]'s rows.
+struct LnFwdRows<'a, T> {
+    xs: &'a [T],
+    g: &'a [T],
+    b: &'a [T],
+    eps: f64,
+    save: bool,
+    ys: &'a mut [T],
+    hs: &'a mut [f64],
+    rs: &'a mut [f64],
+}
+
+impl<T: Real> Block for LnFwdRows<'_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run<S: pulp::Simd>(self) {
+        let Self { xs, g, b, eps, save, ys, hs, rs } = self;
+        let d = g.len().max(1);
+        for (ri, (row, yr)) in xs.chunks_exact(d).zip(ys.chunks_exact_mut(d)).enumerate() {
+            let (mu, rr) = row_stats(row, eps);
+            for (j, ((&v, &gj), &bj)) in row.iter().zip(g).zip(b).enumerate() {
+                let h = (v.f() - mu) * rr;
+                if save {
+                    hs[ri * d + j] = h;
+                }
+                yr[j] = T::of(gj.f() * h + bj.f());
+            }
+            if save {
+                rs[ri] = rr;
+            }
+        }
+    }
+}
+
 /// `(dx, dgamma, dbeta)` from the forward's [`LnSaved`]. Blocks of [`ROWS`] rows in parallel.
 fn ln_bwd<T: Real>(saved: &LnSaved, g: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let d = g.len().max(1);
@@ -257,31 +342,48 @@ fn ln_bwd<T: Real>(saved: &LnSaved, g: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T
         .zip(dy.par_chunks(ROWS * d))
         .zip(saved.r.par_chunks(ROWS))
         .with_min_len(min_len())
-        .map(|(((dxs, hs), gs), rs)| {
-            let mut dg = vec![0.0f64; d];
-            let mut db = vec![0.0f64; d];
-            let mut u = vec![0.0f64; d];
-            for (((dxr, xh), dyr), &r) in
-                dxs.chunks_exact_mut(d).zip(hs.chunks_exact(d)).zip(gs.chunks_exact(d)).zip(rs)
-            {
-                for j in 0..d {
-                    let dyj = dyr[j].f();
-                    u[j] = g[j].f() * dyj;
-                    dg[j] += dyj * xh[j];
-                    db[j] += dyj;
-                }
-                let (su, sux) = (lanes(&u, &u, |a, _| a), lanes(&u, xh, |a, b| a * b));
-                let (mu_u, mu_ux) = (su / d as f64, sux / d as f64);
-                for j in 0..d {
-                    dxr[j] = T::of(r * (u[j] - mu_u - xh[j] * mu_ux));
-                }
-            }
-            (dg, db)
-        })
+        .map(|(((dxs, hs), gs), rs)| widest(LnBwdRows { g, dxs, hs, gs, rs }))
         .collect();
     let (dgs, dbs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
     let r = |v: Vec<f64>| v.into_iter().map(T::of).collect();
     (dx, r(column_sums(dgs, d)), r(column_sums(dbs, d)))
+}
+
+/// A block of [`ln_bwd`]'s rows: writes their `dx`, returns their sums of `dgamma` and `dbeta`.
+struct LnBwdRows<'a, T> {
+    g: &'a [T],
+    dxs: &'a mut [T],
+    hs: &'a [f64],
+    gs: &'a [T],
+    rs: &'a [f64],
+}
+
+impl<T: Real> Block for LnBwdRows<'_, T> {
+    type Out = (Vec<f64>, Vec<f64>);
+    #[inline(always)]
+    fn run<S: pulp::Simd>(self) -> Self::Out {
+        let Self { g, dxs, hs, gs, rs } = self;
+        let d = g.len().max(1);
+        let mut dg = vec![0.0f64; d];
+        let mut db = vec![0.0f64; d];
+        let mut u = vec![0.0f64; d];
+        for (((dxr, xh), dyr), &r) in
+            dxs.chunks_exact_mut(d).zip(hs.chunks_exact(d)).zip(gs.chunks_exact(d)).zip(rs)
+        {
+            for j in 0..d {
+                let dyj = dyr[j].f();
+                u[j] = g[j].f() * dyj;
+                dg[j] += dyj * xh[j];
+                db[j] += dyj;
+            }
+            let (su, sux) = (lanes(&u, &u, |a, _| a), lanes(&u, xh, |a, b| a * b));
+            let (mu_u, mu_ux) = (su / d as f64, sux / d as f64);
+            for j in 0..d {
+                dxr[j] = T::of(r * (u[j] - mu_u - xh[j] * mu_ux));
+            }
+        }
+        (dg, db)
+    }
 }
 
 impl CustomOp3 for LayerNorm {
@@ -413,7 +515,7 @@ struct Attention {
     probs: OnceLock<Vec<f64>>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct AttShape {
     n: usize,
     l: usize,
@@ -429,11 +531,13 @@ impl AttShape {
         Ok(Self { n, l, lk, h, dh })
     }
     /// Offset of row `t` (position) of sequence `b`, head `hh`, in a `[N, T, heads, dh]` tensor.
+    #[inline(always)]
     fn at(&self, t_len: usize, b: usize, t: usize, hh: usize) -> usize {
         ((b * t_len + t) * self.h + hh) * self.dh
     }
 }
 
+#[inline(always)]
 fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {
     lanes(a, b, |x, y| x * y)
 }
@@ -442,6 +546,7 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {
 /// (element `j` into sum `j mod LANES`) added in a fixed tree at the end: one serial chain of
 /// additions would bound the speed by the adder's latency, independent sums vectorise. The order
 /// is fixed, so the result is the same bits on every run and thread count.
+#[inline(always)]
 fn lanes<T: Real>(a: &[T], b: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
     let n = a.len().min(b.len());
     let (ca, cb) = (a[..n].chunks_exact(LANES), b[..n].chunks_exact(LANES));
@@ -463,6 +568,7 @@ const LANES: usize = 8;
 
 /// The probabilities `p[0..=last]` of query row `qi` against keys `0..=last` (in `p`).
 #[allow(clippy::too_many_arguments)] // the sequence, head and row that the indices name
+#[inline(always)]
 fn att_probs<T: Real>(
     qi: &[T],
     k: &[T],
@@ -495,10 +601,46 @@ fn att_probs<T: Real>(
 fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64, save: bool) -> (Vec<T>, Vec<f64>) {
     let mut out = vec![T::of(0.0); q.len()];
     let mut probs = vec![0.0f64; if save { s.n * s.l * s.h * s.lk } else { 0 }];
-    let off = s.lk - s.l;
     let per_q = s.l * s.h * s.dh;
     let per_p = s.l * s.h * s.lk;
     let one = |b: usize, out: &mut [T], probs: &mut [f64]| {
+        widest(AttFwdSeq { q, k, v, s, scale, save, b, out, probs });
+    };
+    if save {
+        out.par_chunks_mut(per_q.max(1))
+            .zip(probs.par_chunks_mut(per_p.max(1)))
+            .enumerate()
+            .with_min_len(min_len())
+            .for_each(|(b, (o, p))| one(b, o, p));
+    } else {
+        out.par_chunks_mut(per_q.max(1))
+            .enumerate()
+            .with_min_len(min_len())
+            .for_each(|(b, o)| one(b, o, &mut []));
+    }
+    (out, probs)
+}
+
+/// One sequence of [`att_fwd`]: its output rows and (with `save`) its probabilities.
+struct AttFwdSeq<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    s: AttShape,
+    scale: f64,
+    save: bool,
+    b: usize,
+    out: &'a mut [T],
+    probs: &'a mut [f64],
+}
+
+impl<T: Real> Block for AttFwdSeq<'_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run<S: pulp::Simd>(self) {
+        let Self { q, k, v, s, scale, save, b, out, probs } = self;
+        let off = s.lk - s.l;
+        let per_q = s.l * s.h * s.dh;
         let mut acc = vec![0.0f64; s.dh];
         let mut scratch = vec![0.0f64; s.lk];
         for i in 0..s.l {
@@ -525,20 +667,7 @@ fn att_fwd<T: Real>(q: &[T], k: &[T], v: &[T], s: AttShape, scale: f64, save: bo
                 }
             }
         }
-    };
-    if save {
-        out.par_chunks_mut(per_q.max(1))
-            .zip(probs.par_chunks_mut(per_p.max(1)))
-            .enumerate()
-            .with_min_len(min_len())
-            .for_each(|(b, (o, p))| one(b, o, p));
-    } else {
-        out.par_chunks_mut(per_q.max(1))
-            .enumerate()
-            .with_min_len(min_len())
-            .for_each(|(b, o)| one(b, o, &mut []));
     }
-    (out, probs)
 }
 
 /// `(dq, dk, dv)` from the forward's probabilities `probs` ([`att_fwd`]). Sequences in parallel
@@ -557,8 +686,41 @@ fn att_bwd<T: Real>(
     let mut dq = vec![T::of(0.0); q.len()];
     let mut dk = vec![T::of(0.0); k.len()];
     let mut dv = vec![T::of(0.0); v.len()];
-    let off = s.lk - s.l;
     let one = |b: usize, dq_out: &mut [T], dk_out: &mut [T], dv_out: &mut [T]| {
+        widest(AttBwdSeq { q, k, v, dout, probs, s, scale, b, dq_out, dk_out, dv_out });
+    };
+    dq.par_chunks_mut(per_q.max(1))
+        .zip(dk.par_chunks_mut(per_k.max(1)))
+        .zip(dv.par_chunks_mut(per_k.max(1)))
+        .enumerate()
+        .with_min_len(min_len())
+        .for_each(|(b, ((a, c), d))| one(b, a, c, d));
+    (dq, dk, dv)
+}
+
+/// One sequence of [`att_bwd`]: the gradients of its queries, keys and values.
+struct AttBwdSeq<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    dout: &'a [T],
+    probs: &'a [f64],
+    s: AttShape,
+    scale: f64,
+    b: usize,
+    dq_out: &'a mut [T],
+    dk_out: &'a mut [T],
+    dv_out: &'a mut [T],
+}
+
+impl<T: Real> Block for AttBwdSeq<'_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run<S: pulp::Simd>(self) {
+        let Self { q, k, v, dout, probs, s, scale, b, dq_out, dk_out, dv_out } = self;
+        let per_q = s.l * s.h * s.dh;
+        let per_k = s.lk * s.h * s.dh;
+        let off = s.lk - s.l;
         let mut dq = vec![0.0f64; per_q];
         let mut dk = vec![0.0f64; per_k];
         let mut dv = vec![0.0f64; per_k];
@@ -605,14 +767,7 @@ fn att_bwd<T: Real>(
         for (o, &g) in dv_out.iter_mut().zip(&dv) {
             *o = T::of(g);
         }
-    };
-    dq.par_chunks_mut(per_q.max(1))
-        .zip(dk.par_chunks_mut(per_k.max(1)))
-        .zip(dv.par_chunks_mut(per_k.max(1)))
-        .enumerate()
-        .with_min_len(min_len())
-        .for_each(|(b, ((a, c), d))| one(b, a, c, d));
-    (dq, dk, dv)
+    }
 }
 
 impl CustomOp3 for Attention {
@@ -1101,7 +1256,7 @@ impl CustomOp2 for BiasGelu {
 
 #[cfg(test)]
 mod tests {
-    use super::exp_f32;
+    use super::*;
 
     /// `exp_f32` against `f64::exp` over its whole range, every 2^-10 (and NaN, the clamps).
     #[test]
@@ -1121,5 +1276,138 @@ mod tests {
         assert_eq!(exp_f32(1e30), exp_f32(88.0));
         assert!(exp_f32(88.0).is_finite() && exp_f32(-87.3) > 0.0);
         assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    /// The instruction sets [`widest`] can choose here, baseline first.
+    #[derive(Clone, Copy, Debug)]
+    enum Isa {
+        Scalar,
+        V3,
+        #[cfg(feature = "avx512")]
+        V4,
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        if pulp::x86::V3::try_new().is_some() {
+            v.push(Isa::V3);
+        }
+        #[cfg(feature = "avx512")]
+        if pulp::x86::V4::try_new().is_some() {
+            v.push(Isa::V4);
+        }
+        v
+    }
+
+    /// `block` in `isa`'s copy, as [`widest`] runs it where `isa` is the widest.
+    fn run_on<B: Block>(isa: Isa, block: B) -> B::Out {
+        use pulp::Simd;
+        match isa {
+            Isa::Scalar => Simd::vectorize(pulp::Scalar::new(), Widest(block)),
+            Isa::V3 => Simd::vectorize(pulp::x86::V3::try_new().expect("V3"), Widest(block)),
+            #[cfg(feature = "avx512")]
+            Isa::V4 => Simd::vectorize(pulp::x86::V4::try_new().expect("V4"), Widest(block)),
+        }
+    }
+
+    /// Values in about [-3, 3), a few of them large, from a fixed sequence.
+    fn data<T: Real>(n: usize, seed: u64) -> Vec<T> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+                T::of(if i % 29 == 5 { (u - 0.5) * 4e3 } else { (u - 0.5) * 6.0 })
+            })
+            .collect()
+    }
+
+    fn bits<T: Real>(v: &[T]) -> Vec<u64> {
+        v.iter().map(|x| x.f().to_bits()).collect()
+    }
+
+    /// Every block's outputs, in one instruction set's copy, as bits.
+    fn all_blocks<T: Real>(isa: Isa, d: usize, rows: usize, s: AttShape) -> Vec<Vec<u64>> {
+        let mut out = Vec::new();
+        // Layer norm forward and backward over `rows` rows of width `d`.
+        let (x, g, b) = (data::<T>(rows * d, 1), data::<T>(d, 2), data::<T>(d, 3));
+        let (mut y, mut hs, mut rs) = (vec![T::of(0.0); rows * d], vec![0.0; rows * d], vec![0.0; rows]);
+        run_on(
+            isa,
+            LnFwdRows { xs: &x, g: &g, b: &b, eps: 1e-5, save: true, ys: &mut y, hs: &mut hs, rs: &mut rs },
+        );
+        let dy = data::<T>(rows * d, 4);
+        let mut dx = vec![T::of(0.0); rows * d];
+        let (dg, db) = run_on(isa, LnBwdRows { g: &g, dxs: &mut dx, hs: &hs, gs: &dy, rs: &rs });
+        out.extend([bits(&y), bits(&hs), bits(&rs), bits(&dx), bits(&dg), bits(&db)]);
+        // Attention forward and backward, every sequence.
+        let nq = s.n * s.l * s.h * s.dh;
+        let nk = s.n * s.lk * s.h * s.dh;
+        let (q, k, v) = (data::<T>(nq, 5), data::<T>(nk, 6), data::<T>(nk, 7));
+        let dout = data::<T>(nq, 8);
+        let per_q = s.l * s.h * s.dh;
+        let per_k = s.lk * s.h * s.dh;
+        let per_p = s.l * s.h * s.lk;
+        let (mut o, mut p) = (vec![T::of(0.0); nq], vec![0.0; s.n * per_p]);
+        let (mut dq, mut dk, mut dv) = (vec![T::of(0.0); nq], vec![T::of(0.0); nk], vec![T::of(0.0); nk]);
+        for bi in 0..s.n {
+            let (out, probs) = (&mut o[bi * per_q..(bi + 1) * per_q], &mut p[bi * per_p..(bi + 1) * per_p]);
+            run_on(isa, AttFwdSeq { q: &q, k: &k, v: &v, s, scale: 0.25, save: true, b: bi, out, probs });
+        }
+        for bi in 0..s.n {
+            run_on(
+                isa,
+                AttBwdSeq {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    dout: &dout,
+                    probs: &p,
+                    s,
+                    scale: 0.25,
+                    b: bi,
+                    dq_out: &mut dq[bi * per_q..(bi + 1) * per_q],
+                    dk_out: &mut dk[bi * per_k..(bi + 1) * per_k],
+                    dv_out: &mut dv[bi * per_k..(bi + 1) * per_k],
+                },
+            );
+        }
+        out.extend([bits(&o), p.iter().map(|x| x.to_bits()).collect(), bits(&dq), bits(&dk), bits(&dv)]);
+        out
+    }
+
+    /// [`widest`]'s promise: every instruction set's copy of every block gives the baseline's
+    /// bits, for `f32` and `f64`, at widths that are and are not multiples of the vector width.
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let isas = isas();
+        eprintln!("instruction sets compared: {isas:?}");
+        for &(d, rows) in &[(64usize, 70usize), (13, 9), (1, 3), (256, 5)] {
+            for &s in &[
+                AttShape { n: 3, l: 5, lk: 5, h: 2, dh: 32 },
+                AttShape { n: 2, l: 1, lk: 7, h: 3, dh: 5 },
+                AttShape { n: 1, l: 4, lk: 9, h: 1, dh: 17 },
+            ] {
+                let base32 = all_blocks::<f32>(Isa::Scalar, d, rows, s);
+                let base64 = all_blocks::<f64>(Isa::Scalar, d, rows, s);
+                let (x, b) = (data::<f32>(rows * d, 9), data::<f32>(d, 10));
+                let gelu = |isa| {
+                    let (mut y, mut dd) = (vec![0.0f32; rows * d], vec![0.0f32; rows * d]);
+                    for ((xr, yr), dr) in x.chunks(d).zip(y.chunks_mut(d)).zip(dd.chunks_mut(d)) {
+                        run_on(isa, GeluRowF32 { xs: xr, b: &b, ys: yr, ds: dr });
+                    }
+                    (bits(&y), bits(&dd))
+                };
+                let base_gelu = gelu(Isa::Scalar);
+                for &isa in &isas[1..] {
+                    let what = format!("{isa:?}, d {d}, rows {rows}, {s:?}");
+                    assert!(all_blocks::<f32>(isa, d, rows, s) == base32, "f32 blocks differ: {what}");
+                    assert!(all_blocks::<f64>(isa, d, rows, s) == base64, "f64 blocks differ: {what}");
+                    assert!(gelu(isa) == base_gelu, "f32 GELU differs: {what}");
+                }
+            }
+        }
     }
 }
