@@ -66,8 +66,6 @@ impl Block for GeluRowF32<'_> {
     type Out = ();
     #[inline(always)]
     fn run<S: pulp::Simd>(self) {
-        const C2: f32 = (2.0 * GELU_C) as f32;
-        const A: f32 = GELU_A as f32;
         let Self { xs, b, ys, ds } = self;
         if ds.is_empty() {
             for ((y, &x), &bj) in ys.iter_mut().zip(xs).zip(b) {
@@ -79,7 +77,7 @@ impl Block for GeluRowF32<'_> {
                 let z = x + bj;
                 let s = gelu_sig_f32(z);
                 *y = z * s;
-                *d = s + z * s * (1.0 - s) * C2 * (1.0 + 3.0 * A * z * z);
+                *d = s + z * s * (1.0 - s) * GELU_C2_F32 * (1.0 + 3.0 * GELU_A_F32 * z * z);
             }
         }
     }
@@ -119,10 +117,12 @@ fn widest<B: Block>(block: B) -> B::Out {
 /// `sigmoid(2 c (z + a z^3))` in `f32`, so that `gelu(z) = z` times it.
 #[inline(always)]
 fn gelu_sig_f32(z: f32) -> f32 {
-    const C2: f32 = (2.0 * GELU_C) as f32;
-    const A: f32 = GELU_A as f32;
-    1.0 / (1.0 + exp_f32(-C2 * (z + A * z * z * z)))
+    1.0 / (1.0 + exp_f32(-GELU_C2_F32 * (z + GELU_A_F32 * z * z * z)))
 }
+
+/// [`GELU_C`] doubled and [`GELU_A`], in `f32`, for the `f32` GELU.
+const GELU_C2_F32: f32 = (2.0 * GELU_C) as f32;
+const GELU_A_F32: f32 = GELU_A as f32;
 
 impl Real for f64 {
     #[inline(always)]
