@@ -233,7 +233,7 @@ impl LinearPlan {
         if tokens == 0 {
             return Err(TpoError::BadConfig { name: "tokens", requirement: "at least 1", got: 0.0 });
         }
-        if vocab == 0 || dim == 0 || GEMM_TILE.checked_mul(vocab).map_or(true, |tile| workspace < tile) {
+        if vocab == 0 || dim == 0 || GEMM_TILE.checked_mul(vocab).is_none_or(|tile| workspace < tile) {
             return Err(TpoError::BadConfig {
                 name: "fused linear workspace (elements)",
                 requirement: "at least GEMM_TILE x vocab, with vocab and dim >= 1",
@@ -271,7 +271,7 @@ impl LinearPlan {
         if tokens == 0 || vocab == 0 || dim == 0 {
             return bad("tokens, vocab and dim", "at least 1", 0);
         }
-        if forward_rows == 0 || forward_rows % GEMM_TILE != 0 {
+        if forward_rows == 0 || !forward_rows.is_multiple_of(GEMM_TILE) {
             return bad("forward rows", "a positive multiple of GEMM_TILE", forward_rows);
         }
         if backward_rows == 0 || backward_rows > tokens {

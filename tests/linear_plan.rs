@@ -279,7 +279,7 @@ proptest! {
         prop_assert!(ws >= GEMM_TILE * v && (ws <= (budget_mb << 20) / 2 || ws == GEMM_TILE * v));
         let p = LinearPlan::new(t, v, 4096, ws).unwrap();
         prop_assert!(p.workspace_needed() <= ws);
-        prop_assert!(p.forward_rows % GEMM_TILE == 0 && p.forward_rows >= GEMM_TILE);
+        prop_assert!(p.forward_rows.is_multiple_of(GEMM_TILE) && p.forward_rows >= GEMM_TILE);
         prop_assert!(p.forward_rows < t + GEMM_TILE);
         if ws / t >= v.min(MIN_BLOCK_COLS) {
             prop_assert_eq!(p.backward_rows, t);

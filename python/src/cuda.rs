@@ -433,7 +433,7 @@ fn linear_cache() -> &'static Mutex<HashMap<usize, (LinearKey, FusedLinear)>> {
 
 fn hidden_call(a: &PathArgs, hidden: &Desc, weight: &Desc, dim: usize, budget: usize) -> PyResult<()> {
     let tpo = backend(a.device, a.stream)?;
-    if dim == 0 || weight.1 % dim != 0 {
+    if dim == 0 || !weight.1.is_multiple_of(dim) {
         return fail(format!("lm_head_weight: {} elements is not a whole number of rows of {dim}", weight.1));
     }
     let vocab = weight.1 / dim;

@@ -35,14 +35,14 @@ fn fail<T>(msg: String) -> PyResult<T> {
 
 /// Native-endian `f64`s from bytes (copied, so the alignment of the Python buffer does not matter).
 fn f64s(name: &str, b: &[u8]) -> PyResult<Vec<f64>> {
-    if b.len() % 8 != 0 {
+    if !b.len().is_multiple_of(8) {
         return fail(format!("{name}: {} bytes is not a whole number of f64 values", b.len()));
     }
     Ok(bytemuck::pod_collect_to_vec::<u8, f64>(b))
 }
 
 fn i64s(name: &str, b: &[u8]) -> PyResult<Vec<i64>> {
-    if b.len() % 8 != 0 {
+    if !b.len().is_multiple_of(8) {
         return fail(format!("{name}: {} bytes is not a whole number of i64 values", b.len()));
     }
     Ok(bytemuck::pod_collect_to_vec::<u8, i64>(b))

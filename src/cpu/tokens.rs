@@ -101,7 +101,7 @@ fn rows<T: Scalar>(logits: &[T], vocab: usize) -> Result<usize> {
     if vocab == 0 {
         return Err(TpoError::BadConfig { name: "vocabulary size", requirement: ">= 1", got: 0.0 });
     }
-    if logits.len() % vocab != 0 {
+    if !logits.len().is_multiple_of(vocab) {
         return Err(TpoError::LengthMismatch {
             name: "logits",
             got: logits.len(),
@@ -297,7 +297,7 @@ pub fn logits_grad<T: Scalar>(
 
 /// `z = h W^T`: logits `[T, V]` from hidden states `h [T, H]` and the lm_head `W [V, H]`.
 pub fn linear_logits<T: Scalar>(hidden: &[T], weight: &[T], dim: usize) -> Result<Vec<f64>> {
-    if dim == 0 || hidden.len() % dim != 0 || weight.len() % dim != 0 {
+    if dim == 0 || !hidden.len().is_multiple_of(dim) || !weight.len().is_multiple_of(dim) {
         return Err(TpoError::BadConfig {
             name: "hidden size (must divide the hidden states' and the weight's lengths)",
             requirement: "a divisor",

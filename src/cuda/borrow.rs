@@ -288,7 +288,7 @@ impl CudaTpo {
             if ptr == 0 {
                 return Err(bad(format!("null device address for {len} elements")));
             }
-            if ptr % std::mem::align_of::<T>() as u64 != 0 {
+            if !ptr.is_multiple_of(std::mem::align_of::<T>() as u64) {
                 return Err(bad(format!(
                     "address {ptr:#x} is not aligned to {} bytes",
                     std::mem::align_of::<T>()

@@ -506,7 +506,7 @@ pub fn signal(method: ControlMethod, batch: &Batch) -> Vec<f64> {
         return per_episode;
     }
     let mut s: Vec<f64> =
-        batch.lengths.iter().zip(&per_episode).flat_map(|(&n, &s)| std::iter::repeat(s).take(n)).collect();
+        batch.lengths.iter().zip(&per_episode).flat_map(|(&n, &s)| std::iter::repeat_n(s, n)).collect();
     if method == ControlMethod::Ppo {
         let n = s.len() as f64;
         let mean = s.iter().sum::<f64>() / n;
@@ -605,7 +605,7 @@ pub fn gradient(
         for v in &vars {
             match grads.get(v) {
                 Some(t) => g.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                None => g.extend(std::iter::repeat(0.0).take(v.elem_count())),
+                None => g.extend(std::iter::repeat_n(0.0, v.elem_count())),
             }
         }
         Ok((out.value, l.to_vec1::<f32>()?, g))

@@ -456,7 +456,7 @@ impl Model {
 
 /// Row indices `0,..,0, 1,..,1, ...` (each of `0..b` repeated `g` times).
 fn repeat_index(b: usize, g: usize) -> Result<Tensor> {
-    let idx: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat(i).take(g)).collect();
+    let idx: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat_n(i, g)).collect();
     Tensor::from_vec(idx, b * g, &Device::Cpu)
 }
 
