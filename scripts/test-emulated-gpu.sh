@@ -51,9 +51,25 @@ export TPO_GPU_TEST_SCALE=emulated
 unset TPO_EMU_SM TPO_EMU_CUDA_VERSION
 
 say "building the GPU suite"
-built="$(cargo test --release --features cuda --test gpu --no-run 2>&1)" || { echo "$built"; exit 1; }
-bin="$(echo "$built" | sed -n 's/.*Executable tests\/gpu.rs (\(.*\))$/\1/p' | tail -n 1)"
-[ -x "$bin" ] || { echo "$built"; echo "test-emulated-gpu: cannot find the GPU suite's test binary" >&2; exit 1; }
+# The same build gives the `tpo` binary the steps below run (Cargo builds a package's binaries for
+# its integration tests). A separate `cargo build --bin tpo` would compile it again, with other
+# features: without the dev-dependencies, Cargo unifies the shared crates' features differently.
+built="$(cargo test --release --features cuda --test gpu --no-run --message-format=json-render-diagnostics)" ||
+  { echo "$built"; exit 1; }
+exe_of() {  # the executable of target $1 of kind $2 (test, bin) in the build's JSON messages
+  echo "$built" | python3 -c '
+import json, sys
+name, kind = sys.argv[1], sys.argv[2]
+for line in sys.stdin:
+    m = json.loads(line) if line.startswith("{") else {}
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and t.get("name") == name and kind in t.get("kind", []) and m.get("executable"):
+        print(m["executable"])' "$1" "$2" | tail -n 1
+}
+bin="$(exe_of gpu test)"
+tpo="$(exe_of tpo bin)"
+[ -x "$bin" ] || { echo "test-emulated-gpu: cannot find the GPU suite's test binary" >&2; exit 1; }
+[ -x "$tpo" ] || { echo "test-emulated-gpu: cannot find the tpo binary built with the GPU suite" >&2; exit 1; }
 
 # The subset the sanitizer modes run by default: every kernel family once, few cases.
 subset=(fused_f32 fused_bf16_grad_bf16 split_target_then_fit large_groups_use_the_block_path
@@ -74,12 +90,17 @@ run_suite() {
         "$bin" --test-threads=1 "${args[@]}"
       ;;
     racecheck)
-      # One OS thread per CUDA thread here (about 3.5 minutes for this subset): launches of
-      # hundreds of blocks (4096 groups of one, the fused linear path, the logits-path proptests)
-      # are left to memcheck; the token kernels run on a few long rows (full_vocabulary_rows).
-      [ ${#args[@]} -gt 0 ] || args=(fused_f32 fused_bf16_grad_bf16 split_target_then_fit
+      # One OS thread per CUDA thread here (about 3 minutes for this subset on 2 cores): launches
+      # of hundreds of blocks (4096 groups of one, the fused linear path, the logits-path
+      # proptests) are left to memcheck; the token kernels run on a few long rows
+      # (full_vocabulary_rows). Left to memcheck too: fused_bf16_grad_bf16 (the fused kernels'
+      # barriers and shared memory are raced with f32 here and with bf16 inputs in
+      # large_groups_use_the_block_path and split_target_then_fit) and baseline_errors_are_one_line
+      # (about 40 launches, 90 s under TSan; the status word's atomics it exercises are the shared
+      # `report` of tpo_common.cuh, raced here by device_errors_name_the_first_bad_element).
+      [ ${#args[@]} -gt 0 ] || args=(fused_f32 split_target_then_fit
         large_groups_use_the_block_path device_errors_name_the_first_bad_element full_vocabulary_rows
-        baselines_f32 baseline_errors_are_one_line)
+        baselines_f32)
       # The Rust test binary and its std are not instrumented: their synchronisation (futex
       # mutexes, atomics, libtest's channels) is invisible to TSan, so a report with a frame in
       # them is spurious. A race between two CUDA threads has both stacks in libcuda.so (the
@@ -113,8 +134,6 @@ if [ "$mode" != default ] || [ ${#args[@]} -gt 0 ]; then
   finish
 fi
 
-cargo build --release --features cuda --bin tpo -q
-tpo="$root/target/release/tpo"
 say "tpo eval --backend cuda (examples/data/rollout.safetensors)"
 eval_out="$("$tpo" eval examples/data/rollout.safetensors --backend cuda)" || failed+=("tpo eval")
 echo "$eval_out"
