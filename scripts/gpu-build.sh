@@ -8,14 +8,7 @@ eval "$(scripts/install-nvcc.sh)"
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu && mkdir -p .gpu/bin
 
-exe() { # cargo JSON on stdin -> path of the executable of target $1
-  python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
-        print(m["executable"])' "$1" | tail -n 1
-}
+exe() { python3 scripts/cargo_exe.py "$@"; }  # cargo JSON on stdin -> the executable of target $1
 
 cp "$(cargo test --release --features cuda,nvtx --test gpu --no-run --message-format=json | exe gpu)" .gpu/bin/gpu-tests
 cp "$(cargo bench --features cuda,nvtx --bench cuda --no-run --message-format=json | exe cuda)" .gpu/bin/cuda-bench

@@ -56,16 +56,7 @@ say "building the GPU suite"
 # features: without the dev-dependencies, Cargo unifies the shared crates' features differently.
 built="$(cargo test --release --features cuda --test gpu --no-run --message-format=json-render-diagnostics)" ||
   { echo "$built"; exit 1; }
-exe_of() {  # the executable of target $1 of kind $2 (test, bin) in the build's JSON messages
-  echo "$built" | python3 -c '
-import json, sys
-name, kind = sys.argv[1], sys.argv[2]
-for line in sys.stdin:
-    m = json.loads(line) if line.startswith("{") else {}
-    t = m.get("target", {})
-    if m.get("reason") == "compiler-artifact" and t.get("name") == name and kind in t.get("kind", []) and m.get("executable"):
-        print(m["executable"])' "$1" "$2" | tail -n 1
-}
+exe_of() { echo "$built" | python3 scripts/cargo_exe.py "$@"; }  # target name, kind
 bin="$(exe_of gpu test)"
 tpo="$(exe_of tpo bin)"
 [ -x "$bin" ] || { echo "test-emulated-gpu: cannot find the GPU suite's test binary" >&2; exit 1; }
