@@ -109,6 +109,76 @@ fn cached_forward_equals_the_full_forward() -> R<()> {
     Ok(())
 }
 
+/// `a == b` element by element (so `-0 == +0`; NaN never equal), with the place of the first
+/// difference.
+fn same_values(what: &str, a: &Tensor, b: &Tensor) -> R<()> {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let (x, y) = (
+        a.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        b.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+    );
+    for (i, (p, q)) in x.iter().zip(&y).enumerate() {
+        assert!(p == q, "{what}: entry {i}: {p:e} vs {q:e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn hand_written_backward_equals_candle_autograd() -> R<()> {
+    // (prompts B x H, answers per prompt G): the shared prompt with several continuations, one
+    // continuation, and a single position (no continuation pass).
+    for (dtype, seed) in [(DType::F64, 3u64), (DType::F32, 4)] {
+        for &(b, h, g) in &[(2usize, 4usize, 2usize), (3, 3, 1), (2, 1, 3), (1, 4, 1)] {
+            let m = Model::new(tiny(), dtype, &mut Rng::new(seed))?;
+            let mut r = Rng::new(seed + 10);
+            for (v, _) in m.params() {
+                let noise: Vec<f64> = (0..v.elem_count()).map(|_| 0.3 * r.normal()).collect();
+                let t =
+                    (v.as_tensor() + Tensor::from_vec(noise, v.shape(), &Device::Cpu)?.to_dtype(dtype)?)?;
+                v.set(&t)?;
+            }
+            let vocab = tiny().vocab;
+            let tok = |n: usize, r: &mut Rng| -> Vec<u32> {
+                (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
+            };
+            let prompts = u32s(&tok(b * h, &mut r), (b, h))?;
+            let answers = u32s(&tok(b * g * h, &mut r), (b * g, h))?;
+            let w: Vec<f64> = (0..b * g * h * vocab).map(|_| r.normal()).collect();
+            let w = Tensor::from_vec(w, (b * g, h, vocab), &Device::Cpu)?.to_dtype(dtype)?;
+            let lp = m.answer_logp(&prompts, &answers, g)?;
+            let grads = (&lp * &w)?.sum_all()?.backward()?;
+            let (lp2, tape) = m.answer_logp_taped(&prompts, &answers, g)?;
+            same_values("log-probs", &lp, &lp2)?;
+            // The gradient of sum(w * lp) with respect to lp is w.
+            let mine = tape.backward(&m, &w)?;
+            assert_eq!(mine.len(), m.params().len());
+            for (p, ((v, _), g2)) in m.params().iter().zip(&mine).enumerate() {
+                let g1 = grads.get(v.as_tensor()).expect("every parameter has a gradient");
+                same_values(&format!("{dtype:?} B={b} H={h} G={g}: parameter {p}"), g1, g2)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn training_with_the_hand_written_backward_equals_training_with_autograd() -> Result<(), String> {
+    for reward in [Reward::Bag, Reward::Terminal] {
+        for &m in Method::for_reward(reward) {
+            let cfg = small(reward);
+            let (mut t1, mut t2) = (Trainer::new(&cfg, m, 11)?, Trainer::new(&cfg, m, 11)?);
+            t1.set_candle_autograd(true);
+            for _ in 0..3 {
+                let (o1, o2) = (t1.step()?, t2.step()?);
+                assert_eq!(o1.loss.to_bits(), o2.loss.to_bits(), "{}: loss", m.name());
+                assert_eq!(o1.error.to_bits(), o2.error.to_bits(), "{}: error", m.name());
+            }
+            assert_eq!(params_of(&t1), params_of(&t2), "{}: parameters differ", m.name());
+        }
+    }
+    Ok(())
+}
+
 /// Eigenvalues of a symmetric matrix (cyclic Jacobi).
 #[allow(clippy::needless_range_loop)] // the rotation reads two columns at once
 fn eigenvalues(mut a: Vec<Vec<f64>>) -> Vec<f64> {

@@ -215,6 +215,73 @@ fn float_only(op: &str) -> candle_core::Error {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Ops run outside candle's graph.
+
+/// One of these ops run outside candle's autograd graph (`apply_op*_no_bwd`), with its inputs and
+/// output, so that a hand-written backward pass over a whole model (the reversal transformer's,
+/// `super::reversal`) can call the op's backward itself: the same code, on the same values, as
+/// candle's backward would call, without the graph's bookkeeping.
+pub(crate) struct Taped<C> {
+    op: C,
+    args: Vec<Tensor>,
+    out: Tensor,
+}
+
+impl<C> Taped<C> {
+    /// The op's output.
+    pub(crate) fn out(&self) -> &Tensor {
+        &self.out
+    }
+}
+
+fn needed(g: Option<Tensor>, op: &str) -> Result<Tensor> {
+    g.ok_or_else(|| candle_core::Error::Msg(format!("{op}: the backward gave no gradient")))
+}
+
+impl<C: CustomOp1> Taped<C> {
+    fn run1(op: C, x: &Tensor) -> Result<Self> {
+        let x = x.contiguous()?;
+        let out = x.apply_op1_no_bwd(&op)?;
+        Ok(Self { op, args: vec![x], out })
+    }
+
+    /// The gradient of the input, from the output's `dy`.
+    pub(crate) fn back1(&self, dy: &Tensor) -> Result<Tensor> {
+        needed(self.op.bwd(&self.args[0], &self.out, dy)?, self.op.name())
+    }
+}
+
+impl<C: CustomOp2> Taped<C> {
+    fn run2(op: C, a: &Tensor, b: &Tensor) -> Result<Self> {
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let out = a.apply_op2_no_bwd(&b, &op)?;
+        Ok(Self { op, args: vec![a, b], out })
+    }
+
+    /// The gradients of the two inputs, from the output's `dy`.
+    pub(crate) fn back2(&self, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (ga, gb) = self.op.bwd(&self.args[0], &self.args[1], &self.out, dy)?;
+        let n = self.op.name();
+        Ok((needed(ga, n)?, needed(gb, n)?))
+    }
+}
+
+impl<C: CustomOp3> Taped<C> {
+    fn run3(op: C, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Self> {
+        let (a, b, c) = (a.contiguous()?, b.contiguous()?, c.contiguous()?);
+        let out = a.apply_op3_no_bwd(&b, &c, &op)?;
+        Ok(Self { op, args: vec![a, b, c], out })
+    }
+
+    /// The gradients of the three inputs, from the output's `dy`.
+    pub(crate) fn back3(&self, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (ga, gb, gc) = self.op.bwd(&self.args[0], &self.args[1], &self.args[2], &self.out, dy)?;
+        let n = self.op.name();
+        Ok((needed(ga, n)?, needed(gb, n)?, needed(gc, n)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // LayerNorm.
 
 /// LayerNorm over the last dimension `d` of `x` (any shape `[.., d]`) with scale `gamma [d]` and
@@ -223,22 +290,35 @@ fn float_only(op: &str) -> candle_core::Error {
 /// eps)`, `xh = (x - mu) r`, `u = gamma dy`): `dx = r (u - mean u - xh mean(u xh))`,
 /// `dgamma = sum_rows dy xh`, `dbeta = sum_rows dy`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    if gamma.dims() != [d] || beta.dims() != [d] {
-        candle_core::bail!(
-            "layer_norm: gamma {:?} and beta {:?} must be [{d}], the last dimension of x",
-            gamma.dims(),
-            beta.dims()
-        );
+    let op = LayerNorm::checked(x, gamma, beta, eps, tracked(&[x, gamma, beta]))?;
+    x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
+}
+
+/// [`layer_norm`] run outside candle's graph, kept for a backward called by hand.
+pub(crate) fn layer_norm_taped(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Taped<LayerNorm>> {
+    Taped::run3(LayerNorm::checked(x, gamma, beta, eps, true)?, x, gamma, beta)
+}
+
+impl LayerNorm {
+    fn checked(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, save: bool) -> Result<Self> {
+        let d = x.dim(D::Minus1)?;
+        if gamma.dims() != [d] || beta.dims() != [d] {
+            candle_core::bail!(
+                "layer_norm: gamma {:?} and beta {:?} must be [{d}], the last dimension of x",
+                gamma.dims(),
+                beta.dims()
+            );
+        }
+        if !(eps.is_finite() && eps >= 0.0) {
+            candle_core::bail!("layer_norm: eps must be finite and >= 0, got {eps}");
+        }
+        Ok(LayerNorm { eps, save, saved: OnceLock::new() })
     }
-    if !(eps.is_finite() && eps >= 0.0) {
-        candle_core::bail!("layer_norm: eps must be finite and >= 0, got {eps}");
-    }
-    x.contiguous()?.apply_op3(
-        &gamma.contiguous()?,
-        &beta.contiguous()?,
-        LayerNorm { eps, save: tracked(&[x, gamma, beta]), saved: OnceLock::new() },
-    )
 }
 
 /// The composite candle form of [`layer_norm`] (mean, centre, variance, divide, scale, shift).
@@ -250,7 +330,7 @@ pub fn layer_norm_composite(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64)
     xn.broadcast_mul(gamma)?.broadcast_add(beta)
 }
 
-struct LayerNorm {
+pub(crate) struct LayerNorm {
     eps: f64,
     /// Whether a backward may follow (an input is tracked).
     save: bool,
@@ -465,24 +545,37 @@ impl CustomOp3 for LayerNorm {
 /// `ds_ij = p_ij (do_i . v_j - do_i . o_i)`, `dq_i = scale sum_j ds_ij k_j`,
 /// `dk_j = scale sum_i ds_ij q_i`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (n, l, h, dh) = q.dims4()?;
-    let (nk, lk, hk, dhk) = k.dims4()?;
-    if (nk, hk, dhk) != (n, h, dh) || v.dims() != k.dims() || lk < l {
-        candle_core::bail!(
+    let op = Attention::checked(q, k, v, scale, tracked(&[q, k, v]))?;
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`causal_attention`] run outside candle's graph, kept for a backward called by hand.
+pub(crate) fn causal_attention_taped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Taped<Attention>> {
+    Taped::run3(Attention::checked(q, k, v, scale, true)?, q, k, v)
+}
+
+impl Attention {
+    fn checked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, save: bool) -> Result<Self> {
+        let (n, l, h, dh) = q.dims4()?;
+        let (nk, lk, hk, dhk) = k.dims4()?;
+        if (nk, hk, dhk) != (n, h, dh) || v.dims() != k.dims() || lk < l {
+            candle_core::bail!(
             "causal_attention: q {:?}, k {:?}, v {:?} do not fit (want q [N, L, heads, dh], k = v [N, Lk >= L, heads, dh])",
             q.dims(),
             k.dims(),
             v.dims()
         );
+        }
+        if !scale.is_finite() {
+            candle_core::bail!("causal_attention: the scale must be finite, got {scale}");
+        }
+        Ok(Attention { scale, save, probs: OnceLock::new() })
     }
-    if !scale.is_finite() {
-        candle_core::bail!("causal_attention: the scale must be finite, got {scale}");
-    }
-    q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        Attention { scale, save: tracked(&[q, k, v]), probs: OnceLock::new() },
-    )
 }
 
 /// The composite candle form of [`causal_attention`] (heads to the front, `q k^T`, scale, an
@@ -508,7 +601,7 @@ pub fn causal_attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64
     p.matmul(&v)?.transpose(1, 2)?.contiguous()
 }
 
-struct Attention {
+pub(crate) struct Attention {
     scale: f64,
     /// Whether a backward may follow (an input is tracked).
     save: bool,
@@ -870,6 +963,11 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(LogSoftmax)
 }
 
+/// [`log_softmax`] run outside candle's graph, kept for a backward called by hand.
+pub(crate) fn log_softmax_taped(x: &Tensor) -> Result<Taped<LogSoftmax>> {
+    Taped::run1(LogSoftmax, x)
+}
+
 /// The composite candle form of [`log_softmax`] (max, shift, exp, sum, log, subtract).
 pub fn log_softmax_composite(x: &Tensor) -> Result<Tensor> {
     let m = x.max_keepdim(D::Minus1)?.detach();
@@ -878,7 +976,7 @@ pub fn log_softmax_composite(x: &Tensor) -> Result<Tensor> {
     s.broadcast_sub(&lse)
 }
 
-struct LogSoftmax;
+pub(crate) struct LogSoftmax;
 
 fn lsm_fwd<T: Real>(x: &[T], d: usize) -> Vec<T> {
     let mut y = Vec::with_capacity(x.len());
@@ -1018,11 +1116,22 @@ impl CustomOp1 for GeluTanh {
 /// position embeddings `[L, d]` for `x [N, L, d]`), as one op. Backward: `dx = dy`,
 /// `db = sum over the leading indices of dy` (row by row, in order).
 pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_bias(x, b)?;
+    x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
+}
+
+/// [`add_bias`] run outside candle's graph, kept for a backward called by hand.
+pub(crate) fn add_bias_taped(x: &Tensor, b: &Tensor) -> Result<Taped<AddBias>> {
+    check_bias(x, b)?;
+    Taped::run2(AddBias, x, b)
+}
+
+fn check_bias(x: &Tensor, b: &Tensor) -> Result<()> {
     let (xd, bd) = (x.dims(), b.dims());
     if bd.len() > xd.len() || xd[xd.len() - bd.len()..] != *bd {
         candle_core::bail!("add_bias: b {bd:?} must be the trailing dimensions of x {xd:?}");
     }
-    x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
+    Ok(())
 }
 
 /// The composite candle form of [`add_bias`] (`broadcast_add`).
@@ -1030,7 +1139,7 @@ pub fn add_bias_composite(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.broadcast_add(b)
 }
 
-struct AddBias;
+pub(crate) struct AddBias;
 
 fn bias_fwd<T: Real>(x: &[T], b: &[T]) -> Vec<T> {
     let mut y = Vec::with_capacity(x.len());
@@ -1099,11 +1208,23 @@ impl CustomOp2 for AddBias {
 /// computes `z`, `gelu(z)` and `gelu'(z)` in `f32` with a polynomial `exp` (relative error about
 /// `1e-7`; the same bits on every x86-64 and every run), `db` in `f64`.
 pub fn bias_gelu(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    if b.dims() != [d] {
-        candle_core::bail!("bias_gelu: b {:?} must be [{d}], the last dimension of x", b.dims());
+    let op = BiasGelu::checked(x, b, tracked(&[x, b]))?;
+    x.contiguous()?.apply_op2(&b.contiguous()?, op)
+}
+
+/// [`bias_gelu`] run outside candle's graph, kept for a backward called by hand.
+pub(crate) fn bias_gelu_taped(x: &Tensor, b: &Tensor) -> Result<Taped<BiasGelu>> {
+    Taped::run2(BiasGelu::checked(x, b, true)?, x, b)
+}
+
+impl BiasGelu {
+    fn checked(x: &Tensor, b: &Tensor, save: bool) -> Result<Self> {
+        let d = x.dim(D::Minus1)?;
+        if b.dims() != [d] {
+            candle_core::bail!("bias_gelu: b {:?} must be [{d}], the last dimension of x", b.dims());
+        }
+        Ok(BiasGelu { save, deriv: OnceLock::new() })
     }
-    x.contiguous()?.apply_op2(&b.contiguous()?, BiasGelu { save: tracked(&[x, b]), deriv: OnceLock::new() })
 }
 
 /// The composite candle form of [`bias_gelu`]: [`gelu_composite`] of `broadcast_add`.
@@ -1111,7 +1232,7 @@ pub fn bias_gelu_composite(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     gelu_composite(&x.broadcast_add(b)?)
 }
 
-struct BiasGelu {
+pub(crate) struct BiasGelu {
     /// Whether a backward may follow (an input is tracked).
     save: bool,
     /// `gelu'(x + b)` of the forward (in the dtype), for the backward.

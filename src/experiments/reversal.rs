@@ -14,8 +14,17 @@
 //! variance `1/fan_in`, biases 0, norm scales 1). Trained by [`MuonAdam`] (Muon for matrices,
 //! Adam elsewhere) at `10 x lr`, as the authors' code does.
 //!
-//! **Methods** ([`Method`]); every update is `tpo::candle::policy_loss` on log-probs that candle
-//! differentiates back into the transformer; the trainer only forms the inputs:
+//! **Methods** ([`Method`]); every update is `tpo::candle::policy_loss` on the transformer's
+//! log-probs, differentiated by candle's autograd down to those log-probs; the trainer only forms
+//! the inputs. From there the transformer's own backward is hand-written
+//! ([`Model::answer_logp_taped`], [`AnswerTape::backward`]): it calls, op by op, the same
+//! functions on the same values as candle's autograd through [`Model::answer_logp`] would, and
+//! adds the gradients of a tensor used more than once in the order candle adds them, so the
+//! gradients, and the whole training run, are the same values (`tests/reversal.rs` trains every
+//! method both ways and compares the parameters; zeros may differ in sign). What it saves is
+//! candle's bookkeeping: its backward gives every tensor of the graph a zeroed gradient buffer
+//! and adds each contribution into it, about a quarter of a sequence-level step.
+//! [`Trainer::set_candle_autograd`] switches back to candle's autograd.
 //!
 //! * token-level groups (bag reward): at each of the `H` prefix states of one behaviour rollout
 //!   per prompt, `K` next-token candidates are drawn from the current policy; the behaviour
@@ -47,8 +56,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use super::fused;
 pub use super::fused::gelu;
+use super::fused::{self, Taped};
 
 use super::muon::{MuonAdam, MuonConfig, ParamKind};
 use super::rng::Rng;
@@ -454,6 +463,284 @@ impl Model {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The transformer's hand-written backward.
+
+/// What one taped forward ([`Model::forward_taped`]) keeps for its backward.
+struct PassTape {
+    start: usize,
+    tokens: Tensor,
+    embed: Taped<fused::AddBias>,
+    layers: Vec<LayerTape>,
+    lnf: Taped<fused::LayerNorm>,
+    xf: Tensor,
+    head: Taped<fused::AddBias>,
+    lsm: Taped<fused::LogSoftmax>,
+}
+
+/// One layer of a [`PassTape`].
+struct LayerTape {
+    ln1: Taped<fused::LayerNorm>,
+    y1: Tensor,
+    q: Taped<fused::AddBias>,
+    k: Taped<fused::AddBias>,
+    v: Taped<fused::AddBias>,
+    att: Taped<fused::Attention>,
+    o: Tensor,
+    out: Taped<fused::AddBias>,
+    ln2: Taped<fused::LayerNorm>,
+    y2: Tensor,
+    up: Taped<fused::BiasGelu>,
+    down: Taped<fused::AddBias>,
+}
+
+/// What [`Model::answer_logp_taped`] keeps for [`AnswerTape::backward`].
+pub struct AnswerTape {
+    b: usize,
+    h: usize,
+    g: usize,
+    prompt: PassTape,
+    rest: Option<PassTape>,
+}
+
+/// The gradients of one pass: per parameter (in [`Model::params`] order), and of the cached keys
+/// and values it read (per layer).
+type PassGrads = (Vec<Tensor>, Vec<(Tensor, Tensor)>);
+
+impl Model {
+    /// [`Model::forward`] outside candle's graph, keeping what [`Model::backward_pass`] needs.
+    /// The same ops on the same values, so the same results.
+    fn forward_taped(
+        &self,
+        tokens: &Tensor,
+        start: usize,
+        past: Option<&KvCache>,
+    ) -> Result<(PassTape, KvCache)> {
+        let t = |v: &Var| v.as_tensor().detach();
+        let (n, l) = tokens.dims2()?;
+        let c = &self.cfg;
+        let (d, h) = (c.d_model, c.heads);
+        let dh = d / h;
+        if start + l > c.max_len {
+            candle_core::bail!("positions {start}..{} exceed the model's {}", start + l, c.max_len);
+        }
+        if past.is_none() && start != 0 {
+            candle_core::bail!("a forward from position {start} needs the cached positions before it");
+        }
+        let tokens = tokens.flatten_all()?;
+        let x = t(&self.tok).index_select(&tokens, 0)?.reshape((n, l, d))?;
+        let embed = fused::add_bias_taped(&x, &t(&self.pos).narrow(0, start, l)?)?;
+        let mut x = embed.out().clone();
+        let scale = 1.0 / (dh as f64).sqrt();
+        let mut cache = Vec::with_capacity(self.blocks.len());
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for (i, b) in self.blocks.iter().enumerate() {
+            let ln1 = fused::layer_norm_taped(&x, &t(&b.ln1.0), &t(&b.ln1.1), LN_EPS)?;
+            let y1 = ln1.out().reshape((n * l, d))?;
+            let lin = |y: &Tensor, w: &Var, bias: &Var| fused::add_bias_taped(&y.matmul(&t(w))?, &t(bias));
+            let (q, k, v) = (lin(&y1, &b.wq, &b.bq)?, lin(&y1, &b.wk, &b.bk)?, lin(&y1, &b.wv, &b.bv)?);
+            let qh = q.out().reshape((n, l, h, dh))?;
+            let mut kh = k.out().reshape((n, l, h, dh))?;
+            let mut vh = v.out().reshape((n, l, h, dh))?;
+            if let Some(p) = past {
+                let (pk, pv) = &p[i];
+                if pk.dim(1)? != start {
+                    candle_core::bail!(
+                        "the cache holds {} positions, the forward starts at {start}",
+                        pk.dim(1)?
+                    );
+                }
+                kh = Tensor::cat(&[pk, &kh], 1)?;
+                vh = Tensor::cat(&[pv, &vh], 1)?;
+            }
+            let att = fused::causal_attention_taped(&qh, &kh, &vh, scale)?;
+            let o = att.out().reshape((n * l, d))?;
+            let out = lin(&o, &b.wo, &b.bo)?;
+            x = (x + out.out().reshape((n, l, d))?)?;
+            let ln2 = fused::layer_norm_taped(&x, &t(&b.ln2.0), &t(&b.ln2.1), LN_EPS)?;
+            let y2 = ln2.out().reshape((n * l, d))?;
+            let up = fused::bias_gelu_taped(&y2.matmul(&t(&b.w1))?, &t(&b.b1))?;
+            let down = lin(up.out(), &b.w2, &b.b2)?;
+            x = (x + down.out().reshape((n, l, d))?)?;
+            cache.push((kh, vh));
+            layers.push(LayerTape { ln1, y1, q, k, v, att, o, out, ln2, y2, up, down });
+        }
+        let lnf = fused::layer_norm_taped(&x, &t(&self.lnf.0), &t(&self.lnf.1), LN_EPS)?;
+        let xf = lnf.out().reshape((n * l, d))?;
+        let head = fused::add_bias_taped(&xf.matmul(&t(&self.head_w))?, &t(&self.head_b))?;
+        let lsm = fused::log_softmax_taped(&head.out().reshape((n, l, c.vocab))?)?;
+        Ok((PassTape { start, tokens, embed, layers, lnf, xf, head, lsm }, cache))
+    }
+
+    /// The backward of one taped pass from the gradient `dlp` of its log-probs and `dkv`, extra
+    /// gradients of the keys and values it returned (those read by a later pass): candle's
+    /// backward of [`Model::forward`], op by op, computed by the same functions, the gradients
+    /// of a tensor used twice added as candle adds them. The token embeddings' gradient is
+    /// `d_tok` with this pass's rows added into it one by one (candle's `index_add` into the
+    /// gradient summed so far).
+    fn backward_pass(
+        &self,
+        tp: &PassTape,
+        dlp: &Tensor,
+        dkv: Option<&[(Tensor, Tensor)]>,
+        d_tok: &Tensor,
+    ) -> Result<PassGrads> {
+        let t = |v: &Var| v.as_tensor().detach();
+        let c = &self.cfg;
+        let (n, l, _) = dlp.dims3()?;
+        let (d, h) = (c.d_model, c.heads);
+        let dh = d / h;
+        // `y = x w` for `x [M, in]`: dx = dy w^T, dw = x^T dy (candle's matmul backward).
+        let mm = |x: &Tensor, w: &Var, dy: &Tensor| -> Result<(Tensor, Tensor)> {
+            Ok((dy.matmul(&t(w).t()?)?, x.t()?.matmul(dy)?))
+        };
+        let dlogits = tp.lsm.back1(dlp)?.reshape((n * l, c.vocab))?;
+        let (dmm, d_head_b) = tp.head.back2(&dlogits)?;
+        let (dxf, d_head_w) = mm(&tp.xf, &self.head_w, &dmm)?;
+        let (mut dx, d_lnf_g, d_lnf_b) = tp.lnf.back3(&dxf.reshape((n, l, d))?)?;
+        let mut layer_grads = Vec::with_capacity(self.blocks.len());
+        let mut dpast = Vec::with_capacity(self.blocks.len());
+        for (i, (b, lt)) in self.blocks.iter().zip(&tp.layers).enumerate().rev() {
+            // x_out = x_mid + down(gelu(up(ln2(x_mid)))).
+            let (dmm, d_b2) = lt.down.back2(&dx.reshape((n * l, d))?)?;
+            let (dup, d_w2) = mm(lt.up.out(), &b.w2, &dmm)?;
+            let (dh1, d_b1) = lt.up.back2(&dup)?;
+            let (dy2, d_w1) = mm(&lt.y2, &b.w1, &dh1)?;
+            let (dx2, d_ln2_g, d_ln2_b) = lt.ln2.back3(&dy2.reshape((n, l, d))?)?;
+            let dmid = (&dx + dx2)?;
+            // x_mid = x_in + out(att(q, k, v)).
+            let (dmm, d_bo) = lt.out.back2(&dmid.reshape((n * l, d))?)?;
+            let (do_, d_wo) = mm(&lt.o, &b.wo, &dmm)?;
+            let (dq, mut dk, mut dv) = lt.att.back3(&do_.reshape((n, l, h, dh))?)?;
+            if tp.start > 0 {
+                dpast.push((dk.narrow(1, 0, tp.start)?, dv.narrow(1, 0, tp.start)?));
+                dk = dk.narrow(1, tp.start, l)?;
+                dv = dv.narrow(1, tp.start, l)?;
+            }
+            if let Some(extra) = dkv {
+                dk = (dk + &extra[i].0)?;
+                dv = (dv + &extra[i].1)?;
+            }
+            let (dmq, d_bq) = lt.q.back2(&dq.reshape((n * l, d))?)?;
+            let (dmk, d_bk) = lt.k.back2(&dk.reshape((n * l, d))?)?;
+            let (dmv, d_bv) = lt.v.back2(&dv.reshape((n * l, d))?)?;
+            let (dyq, d_wq) = mm(&lt.y1, &b.wq, &dmq)?;
+            let (dyk, d_wk) = mm(&lt.y1, &b.wk, &dmk)?;
+            let (dyv, d_wv) = mm(&lt.y1, &b.wv, &dmv)?;
+            let dy1 = ((dyv + dyk)? + dyq)?;
+            let (dx1, d_ln1_g, d_ln1_b) = lt.ln1.back3(&dy1.reshape((n, l, d))?)?;
+            dx = (dmid + dx1)?;
+            layer_grads.push(vec![
+                d_ln1_g, d_ln1_b, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo, d_ln2_g, d_ln2_b, d_w1,
+                d_b1, d_w2, d_b2,
+            ]);
+        }
+        layer_grads.reverse();
+        dpast.reverse();
+        // x0 = tok[tokens] + pos[start..start + l].
+        let (demb, dpos) = tp.embed.back2(&dx)?;
+        let d_tok = d_tok.index_add(&tp.tokens, &demb.reshape((n * l, d))?, 0)?;
+        let mut parts = Vec::with_capacity(3);
+        if tp.start > 0 {
+            parts.push(Tensor::zeros((tp.start, d), dpos.dtype(), dpos.device())?);
+        }
+        parts.push(dpos);
+        if tp.start + l < c.max_len {
+            parts.push(Tensor::zeros((c.max_len - tp.start - l, d), dx.dtype(), dx.device())?);
+        }
+        let d_pos = Tensor::cat(&parts, 0)?;
+        let mut grads = vec![d_tok, d_pos];
+        grads.extend(layer_grads.into_iter().flatten());
+        grads.extend([d_lnf_g, d_lnf_b, d_head_w, d_head_b]);
+        Ok((grads, dpast))
+    }
+
+    /// [`Model::answer_logp`] with a hand-written backward: the log-probabilities `[B G, H, V]`
+    /// (no graph) and an [`AnswerTape`] whose [`AnswerTape::backward`] gives the parameters'
+    /// gradients from theirs. The same values as candle's autograd through
+    /// [`Model::answer_logp`] (the same ops on the same values, gradients added in the same order;
+    /// `tests/reversal.rs` compares them), without the graph's bookkeeping: candle's backward
+    /// starts each tensor's gradient from a zeroed buffer and adds every contribution into it.
+    pub fn answer_logp_taped(
+        &self,
+        prompts: &Tensor,
+        actions: &Tensor,
+        g: usize,
+    ) -> Result<(Tensor, AnswerTape)> {
+        let (b, h) = prompts.dims2()?;
+        let (prompt, kv) = self.forward_taped(prompts, 0, None)?;
+        let mut first = prompt.lsm.out().narrow(1, h - 1, 1)?.contiguous()?;
+        let mut kv = kv;
+        if g > 1 {
+            let idx = repeat_index(b, g)?;
+            first = first.index_select(&idx, 0)?;
+            kv = kv
+                .into_iter()
+                .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
+                .collect::<Result<_>>()?;
+        }
+        if h == 1 {
+            return Ok((first, AnswerTape { b, h, g, prompt, rest: None }));
+        }
+        let (rest, _) = self.forward_taped(&actions.narrow(1, 0, h - 1)?.contiguous()?, h, Some(&kv))?;
+        let lp = Tensor::cat(&[&first, rest.lsm.out()], 1)?;
+        Ok((lp, AnswerTape { b, h, g, prompt, rest: Some(rest) }))
+    }
+}
+
+impl AnswerTape {
+    /// The gradient of each parameter of `model` (in [`Model::params`] order) from `dlp`, the
+    /// gradient of the log-probabilities that [`Model::answer_logp_taped`] returned.
+    pub fn backward(&self, model: &Model, dlp: &Tensor) -> Result<Vec<Tensor>> {
+        let (b, h, g) = (self.b, self.h, self.g);
+        let idx = if g > 1 { Some(repeat_index(b, g)?) } else { None };
+        // Candle's backward reaches the continuation pass first.
+        let mut d_tok = model.tok.as_tensor().zeros_like()?;
+        let (dfirst, rest) = match &self.rest {
+            Some(rest) => {
+                let dfirst = dlp.narrow(1, 0, 1)?;
+                let drest = dlp.narrow(1, 1, h - 1)?.contiguous()?;
+                let (grads, dpast) = model.backward_pass(rest, &drest, None, &d_tok)?;
+                d_tok = grads[0].clone();
+                (dfirst, Some((grads, dpast)))
+            }
+            None => (dlp.clone(), None),
+        };
+        // first = lp_prompt[:, h - 1] (repeated G times).
+        let gather = |d: &Tensor| -> Result<Tensor> {
+            match &idx {
+                Some(idx) => {
+                    let mut dims = d.dims().to_vec();
+                    dims[0] = b;
+                    Tensor::zeros(dims, d.dtype(), d.device())?.index_add(idx, &d.contiguous()?, 0)
+                }
+                None => Ok(d.clone()),
+            }
+        };
+        let dfirst = gather(&dfirst)?;
+        let dprompt = if h > 1 {
+            let (_, _, v) = dfirst.dims3()?;
+            Tensor::cat(&[&Tensor::zeros((b, h - 1, v), dfirst.dtype(), dfirst.device())?, &dfirst], 1)?
+        } else {
+            dfirst
+        };
+        let dkv = match &rest {
+            Some((_, dpast)) => {
+                Some(dpast.iter().map(|(k, v)| Ok((gather(k)?, gather(v)?))).collect::<Result<Vec<_>>>()?)
+            }
+            None => None,
+        };
+        let (mut grads, _) = model.backward_pass(&self.prompt, &dprompt, dkv.as_deref(), &d_tok)?;
+        if let Some((rg, _)) = rest {
+            // The token embeddings' (index 0) already hold both passes'.
+            for (a, r) in grads.iter_mut().zip(rg).skip(1) {
+                *a = (&*a + r)?;
+            }
+        }
+        Ok(grads)
+    }
+}
+
 /// Row indices `0,..,0, 1,..,1, ...` (each of `0..b` repeated `g` times).
 fn repeat_index(b: usize, g: usize) -> Result<Tensor> {
     let idx: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat_n(i, g)).collect();
@@ -516,6 +803,7 @@ pub struct Trainer {
     model: Model,
     opt: MuonAdam,
     step: usize,
+    autograd: bool,
 }
 
 /// A seed for the stream of `(seed, step, purpose)`, via splitmix64 mixing inside [`Rng::new`].
@@ -548,7 +836,16 @@ impl Trainer {
         let opt =
             MuonAdam::new(model.params().to_vec(), MuonConfig { lr: 10.0 * cfg.lr, ..MuonConfig::default() })
                 .map_err(|e| e.to_string())?;
-        Ok(Self { cfg: *cfg, method, seed, model, opt, step: 0 })
+        Ok(Self { cfg: *cfg, method, seed, model, opt, step: 0, autograd: false })
+    }
+
+    /// Differentiate the loss through the transformer with candle's autograd (`true`) or with the
+    /// model's hand-written backward ([`Model::answer_logp_taped`], the default): the same values
+    /// either way (`tests/reversal.rs` trains with both and compares), the hand-written one
+    /// faster. Either way the loss and its gradient with respect to the log-probabilities are
+    /// [`policy_loss`]'s.
+    pub fn set_candle_autograd(&mut self, on: bool) {
+        self.autograd = on;
     }
 
     /// The model being trained.
@@ -683,7 +980,15 @@ impl Trainer {
         let mut old: Option<Tensor> = None;
         let mut first_loss = 0.0;
         for e in 0..epochs {
-            let lp = self.model.answer_logp(&pt, &at, rep)?; // [N, H, V]
+            // [N, H, V]: through candle's graph, or a leaf whose gradient the model's hand-written
+            // backward takes on.
+            let (lp, tape) = if self.autograd {
+                (self.model.answer_logp(&pt, &at, rep)?, None)
+            } else {
+                let (lp, tape) = self.model.answer_logp_taped(&pt, &at, rep)?;
+                let var = Var::from_tensor(&lp)?;
+                (var.as_tensor().clone(), Some((var, tape)))
+            };
             let members = if let Some(ct) = &cand_t {
                 lp.gather(ct, 2)?.flatten_all()?
             } else {
@@ -707,7 +1012,17 @@ impl Trainer {
                 first_loss = out.value * scale;
             }
             let loss = (out.loss * scale)?;
-            let grads = loss.backward()?;
+            let mut grads = loss.backward()?;
+            if let Some((var, tape)) = tape {
+                let dlp = match grads.get(var.as_tensor()) {
+                    Some(g) => g.clone(),
+                    None => var.zeros_like()?,
+                };
+                let pg = tape.backward(&self.model, &dlp)?;
+                for ((p, _), g) in self.model.params().iter().zip(pg) {
+                    grads.insert(p.as_tensor(), g);
+                }
+            }
             self.opt.step(&grads)?;
         }
         Ok(StepOutcome { error: err, loss: first_loss })
