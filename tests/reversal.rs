@@ -4,6 +4,7 @@
 //! and error definitions on hand-made cases, and the CLI's one-line errors.
 
 use candle_core::{DType, Device, Tensor, Var};
+use proptest::prelude::*;
 use std::process::Command;
 use tpo::experiments::muon::{newton_schulz, MuonAdam, MuonConfig, ParamKind};
 use tpo::experiments::reversal::{
@@ -123,42 +124,78 @@ fn same_values(what: &str, a: &Tensor, b: &Tensor) -> R<()> {
     Ok(())
 }
 
-#[test]
-fn hand_written_backward_equals_candle_autograd() -> R<()> {
-    // (prompts B x H, answers per prompt G): the shared prompt with several continuations, one
-    // continuation, and a single position (no continuation pass).
-    for (dtype, seed) in [(DType::F64, 3u64), (DType::F32, 4)] {
-        for &(b, h, g) in &[(2usize, 4usize, 2usize), (3, 3, 1), (2, 1, 3), (1, 4, 1)] {
-            let m = Model::new(tiny(), dtype, &mut Rng::new(seed))?;
-            let mut r = Rng::new(seed + 10);
-            for (v, _) in m.params() {
-                let noise: Vec<f64> = (0..v.elem_count()).map(|_| 0.3 * r.normal()).collect();
-                let t =
-                    (v.as_tensor() + Tensor::from_vec(noise, v.shape(), &Device::Cpu)?.to_dtype(dtype)?)?;
-                v.set(&t)?;
-            }
-            let vocab = tiny().vocab;
-            let tok = |n: usize, r: &mut Rng| -> Vec<u32> {
-                (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
-            };
-            let prompts = u32s(&tok(b * h, &mut r), (b, h))?;
-            let answers = u32s(&tok(b * g * h, &mut r), (b * g, h))?;
-            let w: Vec<f64> = (0..b * g * h * vocab).map(|_| r.normal()).collect();
-            let w = Tensor::from_vec(w, (b * g, h, vocab), &Device::Cpu)?.to_dtype(dtype)?;
-            let lp = m.answer_logp(&prompts, &answers, g)?;
-            let grads = (&lp * &w)?.sum_all()?.backward()?;
-            let (lp2, tape) = m.answer_logp_taped(&prompts, &answers, g)?;
-            same_values("log-probs", &lp, &lp2)?;
-            // The gradient of sum(w * lp) with respect to lp is w.
-            let mine = tape.backward(&m, &w)?;
-            assert_eq!(mine.len(), m.params().len());
-            for (p, ((v, _), g2)) in m.params().iter().zip(&mine).enumerate() {
-                let g1 = grads.get(v.as_tensor()).expect("every parameter has a gradient");
-                same_values(&format!("{dtype:?} B={b} H={h} G={g}: parameter {p}"), g1, g2)?;
-            }
-        }
+/// Candle's autograd through [`Model::answer_logp`] and the hand-written backward of
+/// [`Model::answer_logp_taped`] on the model `cfg` (parameters perturbed from their initial values,
+/// so that no bias is 0 and no scale 1), for `b` prompts of `h` tokens with `g` answers each and
+/// the objective `sum(w * lp)` with random `w`: equal log-probs and gradients.
+#[allow(clippy::too_many_arguments)] // the case a property test draws
+fn compare_backwards(cfg: ModelConfig, dtype: DType, b: usize, h: usize, g: usize, seed: u64) -> R<()> {
+    let m = Model::new(cfg, dtype, &mut Rng::new(seed))?;
+    let mut r = Rng::new(seed ^ 0xABCD);
+    for (v, _) in m.params() {
+        let noise: Vec<f64> = (0..v.elem_count()).map(|_| 0.3 * r.normal()).collect();
+        let t = (v.as_tensor() + Tensor::from_vec(noise, v.shape(), &Device::Cpu)?.to_dtype(dtype)?)?;
+        v.set(&t)?;
+    }
+    let vocab = cfg.vocab;
+    let tok = |n: usize, r: &mut Rng| -> Vec<u32> {
+        (0..n).map(|_| (r.next_u64() % vocab as u64) as u32).collect()
+    };
+    let prompts = u32s(&tok(b * h, &mut r), (b, h))?;
+    let answers = u32s(&tok(b * g * h, &mut r), (b * g, h))?;
+    let w: Vec<f64> = (0..b * g * h * vocab).map(|_| r.normal()).collect();
+    let w = Tensor::from_vec(w, (b * g, h, vocab), &Device::Cpu)?.to_dtype(dtype)?;
+    let lp = m.answer_logp(&prompts, &answers, g)?;
+    let grads = (&lp * &w)?.sum_all()?.backward()?;
+    let (lp2, tape) = m.answer_logp_taped(&prompts, &answers, g)?;
+    let case = format!("{cfg:?} {dtype:?} B={b} H={h} G={g} seed {seed}");
+    same_values(&format!("{case}: log-probs"), &lp, &lp2)?;
+    // The gradient of sum(w * lp) with respect to lp is w.
+    let mine = tape.backward(&m, &w)?;
+    assert_eq!(mine.len(), m.params().len());
+    for (p, ((v, _), g2)) in m.params().iter().zip(&mine).enumerate() {
+        let g1 = grads.get(v.as_tensor()).expect("every parameter has a gradient");
+        same_values(&format!("{case}: parameter {p}"), g1, g2)?;
     }
     Ok(())
+}
+
+#[test]
+fn hand_written_backward_equals_candle_autograd() -> R<()> {
+    // The shared prompt with several continuations, one continuation, a single position (no
+    // continuation pass), in both dtypes.
+    for (dtype, seed) in [(DType::F64, 3u64), (DType::F32, 4)] {
+        for &(b, h, g) in &[(2usize, 4usize, 2usize), (3, 3, 1), (2, 1, 3), (1, 4, 1)] {
+            compare_backwards(tiny(), dtype, b, h, g, seed)?;
+        }
+    }
+    // The paper's model, as the trainer runs it (f32, V = 2, a 7-token prompt, 8 answers each).
+    compare_backwards(ModelConfig::paper(2, 14), DType::F32, 5, 7, 8, 1)?;
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The same on random shapes: vocabulary, width, heads, layers, FFN width, prompts, length,
+    /// answers per prompt, dtype.
+    #[test]
+    fn hand_written_backward_equals_candle_autograd_on_random_shapes(
+        vocab in 2usize..6,
+        dh in 1usize..5,
+        heads in 1usize..4,
+        layers in 1usize..4,
+        ffn_mult in 1usize..4,
+        b in 1usize..4,
+        h in 1usize..6,
+        g in 1usize..4,
+        f64_ in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let cfg = ModelConfig { vocab, max_len: 2 * h, d_model: heads * dh, heads, layers, ffn_mult };
+        let dtype = if f64_ { DType::F64 } else { DType::F32 };
+        compare_backwards(cfg, dtype, b, h, g, seed).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
 }
 
 #[test]
