@@ -23,7 +23,7 @@
 //! gradients, and the whole training run, are the same values (`tests/reversal.rs` trains every
 //! method both ways and compares the parameters; zeros may differ in sign). What it saves is
 //! candle's bookkeeping: its backward gives every tensor of the graph a zeroed gradient buffer
-//! and adds each contribution into it, about a quarter of a sequence-level step.
+//! and adds each contribution into it: a quarter to a third of a sequence-level step (BENCHMARKS.md).
 //! [`Trainer::set_candle_autograd`] switches back to candle's autograd.
 //!
 //! * token-level groups (bag reward): at each of the `H` prefix states of one behaviour rollout
