@@ -381,6 +381,35 @@ impl Model {
         self.forward_with(tokens, start, past, true)
     }
 
+    /// Checks that positions `start..start + l` fit the model and that `past` (required when
+    /// `start > 0`) holds exactly the positions `0..start` in every layer.
+    fn check_positions(&self, start: usize, l: usize, past: Option<&KvCache>) -> Result<()> {
+        let c = &self.cfg;
+        if start + l > c.max_len {
+            candle_core::bail!("positions {start}..{} exceed the model's {}", start + l, c.max_len);
+        }
+        match past {
+            None if start != 0 => {
+                candle_core::bail!("a forward from position {start} needs the cached positions before it")
+            }
+            Some(p) if p.len() != self.blocks.len() => {
+                candle_core::bail!("the cache has {} layers, the model {}", p.len(), self.blocks.len())
+            }
+            Some(p) => {
+                for (pk, pv) in p {
+                    if pk.dim(1)? != start || pv.dim(1)? != start {
+                        candle_core::bail!(
+                            "the cache holds {} positions, the forward starts at {start}",
+                            pk.dim(1)?
+                        );
+                    }
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     /// [`Model::forward`]; with `track = false` on the parameters' values detached from them (no
     /// gradient graph: the rollouts), with the same results.
     fn forward_with(
@@ -395,12 +424,7 @@ impl Model {
         let c = &self.cfg;
         let (d, h) = (c.d_model, c.heads);
         let dh = d / h;
-        if start + l > c.max_len {
-            candle_core::bail!("positions {start}..{} exceed the model's {}", start + l, c.max_len);
-        }
-        if past.is_none() && start != 0 {
-            candle_core::bail!("a forward from position {start} needs the cached positions before it");
-        }
+        self.check_positions(start, l, past)?;
         let x = t(&self.tok).index_select(&tokens.flatten_all()?, 0)?.reshape((n, l, d))?;
         let mut x = fused::add_bias(&x, &t(&self.pos).narrow(0, start, l)?)?;
         let scale = 1.0 / (dh as f64).sqrt();
@@ -411,19 +435,7 @@ impl Model {
                 linear(&y, &t(w), &t(bias))?.reshape((n, l, h, dh))
             };
             let q = heads(&b.wq, &b.bq)?;
-            let mut k = heads(&b.wk, &b.bk)?;
-            let mut v = heads(&b.wv, &b.bv)?;
-            if let Some(p) = past {
-                let (pk, pv) = &p[i];
-                if pk.dim(1)? != start {
-                    candle_core::bail!(
-                        "the cache holds {} positions, the forward starts at {start}",
-                        pk.dim(1)?
-                    );
-                }
-                k = Tensor::cat(&[pk, &k], 1)?;
-                v = Tensor::cat(&[pv, &v], 1)?;
-            }
+            let (k, v) = after_past(past, i, heads(&b.wk, &b.bk)?, heads(&b.wv, &b.bv)?)?;
             // Query i (position start + i) sees keys 0..=start + i.
             let o = fused::causal_attention(&q, &k, &v, scale)?.reshape((n * l, d))?;
             x = (x + linear(&o, &t(&b.wo), &t(&b.bo))?.reshape((n, l, d))?)?;
@@ -445,16 +457,7 @@ impl Model {
     pub fn answer_logp(&self, prompts: &Tensor, actions: &Tensor, g: usize) -> Result<Tensor> {
         let (b, h) = prompts.dims2()?;
         let (lp, kv) = self.forward(prompts, 0, None)?;
-        let mut first = lp.narrow(1, h - 1, 1)?.contiguous()?;
-        let mut kv = kv;
-        if g > 1 {
-            let idx = repeat_index(b, g)?;
-            first = first.index_select(&idx, 0)?;
-            kv = kv
-                .into_iter()
-                .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
-                .collect::<Result<_>>()?;
-        }
+        let (first, kv) = share_prompt(&lp, kv, b, g)?;
         if h == 1 {
             return Ok(first);
         }
@@ -521,12 +524,7 @@ impl Model {
         let c = &self.cfg;
         let (d, h) = (c.d_model, c.heads);
         let dh = d / h;
-        if start + l > c.max_len {
-            candle_core::bail!("positions {start}..{} exceed the model's {}", start + l, c.max_len);
-        }
-        if past.is_none() && start != 0 {
-            candle_core::bail!("a forward from position {start} needs the cached positions before it");
-        }
+        self.check_positions(start, l, past)?;
         let tokens = tokens.flatten_all()?;
         let x = t(&self.tok).index_select(&tokens, 0)?.reshape((n, l, d))?;
         let embed = fused::add_bias_taped(&x, &t(&self.pos).narrow(0, start, l)?)?;
@@ -540,19 +538,8 @@ impl Model {
             let lin = |y: &Tensor, w: &Var, bias: &Var| fused::add_bias_taped(&y.matmul(&t(w))?, &t(bias));
             let (q, k, v) = (lin(&y1, &b.wq, &b.bq)?, lin(&y1, &b.wk, &b.bk)?, lin(&y1, &b.wv, &b.bv)?);
             let qh = q.out().reshape((n, l, h, dh))?;
-            let mut kh = k.out().reshape((n, l, h, dh))?;
-            let mut vh = v.out().reshape((n, l, h, dh))?;
-            if let Some(p) = past {
-                let (pk, pv) = &p[i];
-                if pk.dim(1)? != start {
-                    candle_core::bail!(
-                        "the cache holds {} positions, the forward starts at {start}",
-                        pk.dim(1)?
-                    );
-                }
-                kh = Tensor::cat(&[pk, &kh], 1)?;
-                vh = Tensor::cat(&[pv, &vh], 1)?;
-            }
+            let heads = |t: &Taped<fused::AddBias>| t.out().reshape((n, l, h, dh));
+            let (kh, vh) = after_past(past, i, heads(&k)?, heads(&v)?)?;
             let att = fused::causal_attention_taped(&qh, &kh, &vh, scale)?;
             let o = att.out().reshape((n * l, d))?;
             let out = lin(&o, &b.wo, &b.bo)?;
@@ -669,16 +656,7 @@ impl Model {
     ) -> Result<(Tensor, AnswerTape)> {
         let (b, h) = prompts.dims2()?;
         let (prompt, kv) = self.forward_taped(prompts, 0, None)?;
-        let mut first = prompt.lsm.out().narrow(1, h - 1, 1)?.contiguous()?;
-        let mut kv = kv;
-        if g > 1 {
-            let idx = repeat_index(b, g)?;
-            first = first.index_select(&idx, 0)?;
-            kv = kv
-                .into_iter()
-                .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
-                .collect::<Result<_>>()?;
-        }
+        let (first, kv) = share_prompt(prompt.lsm.out(), kv, b, g)?;
         if h == 1 {
             return Ok((first, AnswerTape { b, h, g, prompt, rest: None }));
         }
@@ -745,6 +723,35 @@ impl AnswerTape {
 fn repeat_index(b: usize, g: usize) -> Result<Tensor> {
     let idx: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat_n(i, g)).collect();
     Tensor::from_vec(idx, b * g, &Device::Cpu)
+}
+
+/// From a prompt pass over `b` prompts (log-probs `lp [B, H, V]` and keys and values `kv`): the
+/// log-probs at its last position, `[B G, 1, V]`, and the keys and values, `[B G, H, ..]`, each
+/// prompt's repeated for its `g` continuations (rows `b G .. b G + G`).
+fn share_prompt(lp: &Tensor, kv: KvCache, b: usize, g: usize) -> Result<(Tensor, KvCache)> {
+    let h = lp.dim(1)?;
+    let last = lp.narrow(1, h - 1, 1)?.contiguous()?;
+    if g == 1 {
+        return Ok((last, kv));
+    }
+    let idx = repeat_index(b, g)?;
+    let kv = kv
+        .into_iter()
+        .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
+        .collect::<Result<_>>()?;
+    Ok((last.index_select(&idx, 0)?, kv))
+}
+
+/// `(k, v)` of layer `i`, `[N, L, heads, dh]`, after the cached ones of `past` (when given; the
+/// positions were checked by [`Model::check_positions`]).
+fn after_past(past: Option<&KvCache>, i: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    match past {
+        Some(p) => {
+            let (pk, pv) = &p[i];
+            Ok((Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?))
+        }
+        None => Ok((k, v)),
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -865,16 +872,8 @@ impl Trainer {
         let (b, h, v) = (self.cfg.batch, self.cfg.length, self.cfg.vocab);
         let n = b * rep;
         let pt = Tensor::from_vec(prompts.to_vec(), (b, h), &Device::Cpu)?;
-        let (lp, mut kv) = self.model.forward_with(&pt, 0, None, false)?;
-        let mut last = lp.narrow(1, h - 1, 1)?.contiguous()?.detach();
-        if rep > 1 {
-            let idx = repeat_index(b, rep)?;
-            last = last.index_select(&idx, 0)?;
-            kv = kv
-                .into_iter()
-                .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
-                .collect::<Result<_>>()?;
-        }
+        let (lp, kv) = self.model.forward_with(&pt, 0, None, false)?;
+        let (mut last, mut kv) = share_prompt(&lp, kv, b, rep)?;
         let mut actions = vec![0u32; n * h];
         let mut cands = vec![0u32; n * h * c];
         let mut cdf = vec![0.0f64; v];
