@@ -1,10 +1,11 @@
 //! Per-step wall time of `tpo reproduce reversal`'s trainer, one seed, per method: the side of
 //! BENCHMARKS.md's comparison with the authors' JAX code that runs here.
 //!
-//! `cargo run --release --example reversal_bench -- [STEPS] [WARMUP] [METHOD] [autograd]` (default
-//! 10 timed steps after 2 untimed ones, every method; `autograd`: through candle's autograd instead
-//! of the transformer's hand-written backward, for comparison). Prints the median and mean seconds per step for the dense task (H = 10,
-//! V = 2: tpo_token, grpo_token, ppo, dg) and the terminal task (H = 7, V = 2: tpo, grpo).
+//! `cargo run --release --example reversal_bench -- [STEPS] [WARMUP] [METHOD|all] [autograd]`
+//! (default 10 timed steps after 2 untimed ones, every method; `autograd`: through candle's
+//! autograd instead of the transformer's hand-written backward, for comparison). Prints the median
+//! and mean seconds per step for the dense task (H = 10, V = 2: tpo_token, grpo_token, ppo, dg) and
+//! the terminal task (H = 7, V = 2: tpo, grpo).
 
 use std::time::Instant;
 
@@ -29,6 +30,9 @@ fn main() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let steps: usize = args.next().map_or(Ok(10), |s| s.parse()).map_err(|_| "STEPS: a whole number")?;
     let warmup: usize = args.next().map_or(Ok(2), |s| s.parse()).map_err(|_| "WARMUP: a whole number")?;
+    if steps == 0 {
+        return Err("STEPS: at least 1".into());
+    }
     let only: Option<String> = args.next().filter(|m| m != "all");
     let autograd = match args.next().as_deref() {
         None => false,

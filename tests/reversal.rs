@@ -189,13 +189,42 @@ proptest! {
         b in 1usize..4,
         h in 1usize..6,
         g in 1usize..4,
+        extra_len in 0usize..3,
         f64_ in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let cfg = ModelConfig { vocab, max_len: 2 * h, d_model: heads * dh, heads, layers, ffn_mult };
+        // Positions 0..2H - 1 are used; a longer table leaves rows without a gradient.
+        let cfg = ModelConfig { vocab, max_len: 2 * h - 1 + extra_len, d_model: heads * dh, heads, layers, ffn_mult };
         let dtype = if f64_ { DType::F64 } else { DType::F32 };
         compare_backwards(cfg, dtype, b, h, g, seed).map_err(|e| TestCaseError::fail(e.to_string()))?;
     }
+}
+
+#[test]
+fn answer_logp_refuses_bad_shapes_with_an_error() -> R<()> {
+    let m = Model::new(tiny(), DType::F32, &mut Rng::new(1))?;
+    let p = u32s(&[0, 1, 2, 0], (2, 2))?;
+    let a = u32s(&[1, 1, 0, 0, 2, 2, 1, 0], (4, 2))?;
+    let cases: Vec<(&str, Tensor, Tensor, usize)> = vec![
+        ("g >= 1", p.clone(), a.clone(), 0),
+        ("want [2, 2]", p.clone(), a.clone(), 1),
+        ("at least 1 token", u32s(&[], (2, 0))?, u32s(&[], (4, 0))?, 2),
+    ];
+    for (want, p, a, g) in cases {
+        for e in [m.answer_logp(&p, &a, g).err(), m.answer_logp_taped(&p, &a, g).err()] {
+            // (candle appends a backtrace when RUST_BACKTRACE is set; the message is its first line.)
+            let e = e.expect("refused").to_string();
+            assert!(e.lines().next().is_some_and(|l| l.contains(want)), "{e}");
+        }
+    }
+    let (_, tape) = m.answer_logp_taped(&p, &a, 2)?;
+    let e = tape.backward(&m, &Tensor::zeros((4, 3, 3), DType::F32, &Device::Cpu)?).expect_err("refused");
+    assert!(e.to_string().contains("want [4, 2, 3]"), "{e}");
+    let shallow = Model::new(ModelConfig { layers: 1, ..tiny() }, DType::F32, &mut Rng::new(1))?;
+    let e =
+        tape.backward(&shallow, &Tensor::zeros((4, 2, 3), DType::F32, &Device::Cpu)?).expect_err("refused");
+    assert!(e.to_string().contains("2 layers, not this one of 1"), "{e}");
+    Ok(())
 }
 
 #[test]

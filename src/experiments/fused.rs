@@ -565,11 +565,11 @@ impl Attention {
         let (nk, lk, hk, dhk) = k.dims4()?;
         if (nk, hk, dhk) != (n, h, dh) || v.dims() != k.dims() || lk < l {
             candle_core::bail!(
-            "causal_attention: q {:?}, k {:?}, v {:?} do not fit (want q [N, L, heads, dh], k = v [N, Lk >= L, heads, dh])",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
+                "causal_attention: q {:?}, k {:?}, v {:?} do not fit (want q [N, L, heads, dh], k = v [N, Lk >= L, heads, dh])",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
         }
         if !scale.is_finite() {
             candle_core::bail!("causal_attention: the scale must be finite, got {scale}");

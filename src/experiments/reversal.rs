@@ -23,7 +23,7 @@
 //! gradients, and the whole training run, are the same values (`tests/reversal.rs` trains every
 //! method both ways and compares the parameters; zeros may differ in sign). What it saves is
 //! candle's bookkeeping: its backward gives every tensor of the graph a zeroed gradient buffer
-//! and adds each contribution into it: a quarter to a third of a sequence-level step (BENCHMARKS.md).
+//! and adds each contribution into it: 15–33% of a sequence-level step's time (BENCHMARKS.md).
 //! [`Trainer::set_candle_autograd`] switches back to candle's autograd.
 //!
 //! * token-level groups (bag reward): at each of the `H` prefix states of one behaviour rollout
@@ -455,7 +455,7 @@ impl Model {
     /// continue prompt `b`). The prompt is run once per prompt and its keys and values shared
     /// by its `G` continuations (a causal model's prompt positions do not see the answer).
     pub fn answer_logp(&self, prompts: &Tensor, actions: &Tensor, g: usize) -> Result<Tensor> {
-        let (b, h) = prompts.dims2()?;
+        let (b, h) = check_answers(prompts, actions, g)?;
         let (lp, kv) = self.forward(prompts, 0, None)?;
         let (first, kv) = share_prompt(&lp, kv, b, g)?;
         if h == 1 {
@@ -654,7 +654,7 @@ impl Model {
         actions: &Tensor,
         g: usize,
     ) -> Result<(Tensor, AnswerTape)> {
-        let (b, h) = prompts.dims2()?;
+        let (b, h) = check_answers(prompts, actions, g)?;
         let (prompt, kv) = self.forward_taped(prompts, 0, None)?;
         let (first, kv) = share_prompt(prompt.lsm.out(), kv, b, g)?;
         if h == 1 {
@@ -668,9 +668,22 @@ impl Model {
 
 impl AnswerTape {
     /// The gradient of each parameter of `model` (in [`Model::params`] order) from `dlp`, the
-    /// gradient of the log-probabilities that [`Model::answer_logp_taped`] returned.
+    /// gradient of the log-probabilities that [`Model::answer_logp_taped`] returned. `model` is
+    /// the one that made the tape, its parameters unchanged since (the backward reads the
+    /// weights); a model of another depth or a `dlp` of another shape is an error.
     pub fn backward(&self, model: &Model, dlp: &Tensor) -> Result<Vec<Tensor>> {
         let (b, h, g) = (self.b, self.h, self.g);
+        if model.blocks.len() != self.prompt.layers.len() {
+            candle_core::bail!(
+                "the tape was made by a model of {} layers, not this one of {}",
+                self.prompt.layers.len(),
+                model.blocks.len()
+            );
+        }
+        let want = [b * g, h, model.cfg.vocab];
+        if dlp.dims() != want {
+            candle_core::bail!("the log-probs' gradient is {:?}, want {want:?}", dlp.dims());
+        }
         let idx = if g > 1 { Some(repeat_index(b, g)?) } else { None };
         // Candle's backward reaches the continuation pass first.
         let mut d_tok = model.tok.as_tensor().zeros_like()?;
@@ -723,6 +736,23 @@ impl AnswerTape {
 fn repeat_index(b: usize, g: usize) -> Result<Tensor> {
     let idx: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat_n(i, g)).collect();
     Tensor::from_vec(idx, b * g, &Device::Cpu)
+}
+
+/// `(B, H)` of `prompts [B, H]`, after checking that `H >= 1`, `g >= 1` and `actions` is
+/// `[B g, H]` (one-line errors).
+fn check_answers(prompts: &Tensor, actions: &Tensor, g: usize) -> Result<(usize, usize)> {
+    let (b, h) = prompts.dims2()?;
+    if h == 0 || g == 0 {
+        candle_core::bail!("answers need prompts of at least 1 token and g >= 1, got H = {h}, g = {g}");
+    }
+    if actions.dims() != [b * g, h] {
+        candle_core::bail!(
+            "actions are {:?}, want [{}, {h}] ({b} prompts x {g} answers)",
+            actions.dims(),
+            b * g
+        );
+    }
+    Ok((b, h))
 }
 
 /// From a prompt pass over `b` prompts (log-probs `lp [B, H, V]` and keys and values `kv`): the
