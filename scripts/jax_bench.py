@@ -6,12 +6,12 @@ side-by-side comparison with `cargo run --release --example reversal_bench`.
 It needs a checkout of the authors' repository (JeanKaddour/tpo), kept outside this one, whose
 `src/` is found through TPO_JAX_SRC (default /tmp/jaxtpo/src), and jax, flax and optax in the
 Python that runs it (BENCHMARKS.md names the versions). It calls their
-`_build_trial_run_fns(...)` (the jitted per-seed run of `_trial.py`) for one seed, B = 100, K = 8,
-4 epochs, V = 2, with STEPS episodes: once (compile + run, printed), then twice more, and prints
-the faster repeat divided by STEPS (compile excluded). Methods: tpo_token, grpo_token, ppo, dg
+`_build_trial_run_fns(...)` (the jitted per-seed run of `_trial.py`) for N seeds (default 1),
+B = 100, K = 8, 4 epochs, V = 2, with STEPS episodes: once (compile + run, printed), then R more
+times (default 2), and prints the fastest repeat divided by STEPS (compile excluded). Methods: tpo_token, grpo_token, ppo, dg
 (bag-of-tokens reward, H = 10) and tpo, grpo (terminal reward, H = 7); default: all six.
 
-`--seeds N` (default 1) runs seeds 0..N in one call, as their code runs a table's seeds (the
+`--seeds N` (default 1) runs seeds 0 to N - 1 in one call, as their code runs a table's seeds (the
 per-seed run is vmapped over the seeds), and prints the seconds per step of all N together: the
 throughput a 20-seed table needs. `--reps R` (default 2) sets the timed repeats.
 """
@@ -36,13 +36,12 @@ CASES = [
 ]
 
 
-def bench(algo, h, reward, steps, seeds=1, reps=2):
+def bench(algo, h, reward, steps, n_seeds=1, reps=2):
     # Positional arguments of _build_trial_run_fns: algorithms, H, V, episodes, B, lr, eta,
     # PPO clip, epochs, K, task, reward, TPO's eta.
     fns = _build_trial_run_fns((algo,), h, 2, steps, 100, 1e-4, 1.0, 0.2, 4, 8, "reverse_copy", reward, 1.0)
     f = fns[algo]
-    n = seeds
-    seeds = jnp.arange(0, n)
+    seeds = jnp.arange(0, n_seeds)
     t = time.time()
     jax.block_until_ready(f(seeds))
     c = time.time() - t
@@ -54,7 +53,7 @@ def bench(algo, h, reward, steps, seeds=1, reps=2):
     r = min(runs)
     print(
         f"jax {algo:<11} {reward:<13} H={h} compile+run {c:7.2f} s, run {r:7.2f} s "
-        f"({steps} steps, {n} seed{'s' if n > 1 else ''}): {r / steps:.4f} s/step",
+        f"({steps} steps, {n_seeds} seed{'s' if n_seeds > 1 else ''}): {r / steps:.4f} s/step",
         flush=True,
     )
 
@@ -64,7 +63,7 @@ def count(args, flag, default):
     if flag not in args:
         return default
     i = args.index(flag)
-    if i + 1 >= len(args) or not args[i + 1].isdigit() or int(args[i + 1]) < 1:
+    if i + 1 >= len(args) or not args[i + 1].isdecimal() or int(args[i + 1]) < 1:
         sys.exit(f"{flag} takes a whole number >= 1")
     n = int(args[i + 1])
     del args[i : i + 2]
@@ -73,12 +72,15 @@ def count(args, flag, default):
 
 if __name__ == "__main__":
     usage = "usage: python scripts/jax_bench.py STEPS [--seeds N] [--reps R] [METHOD ...]  (STEPS >= 1)"
-    if len(sys.argv) < 2 or not sys.argv[1].isdigit() or int(sys.argv[1]) < 1:
+    if len(sys.argv) < 2 or not sys.argv[1].isdecimal() or int(sys.argv[1]) < 1:
         sys.exit(usage)
     steps = int(sys.argv[1])
     rest = sys.argv[2:]
     n_seeds = count(rest, "--seeds", 1)
     reps = count(rest, "--reps", 2)
+    for a in rest:
+        if a.startswith("-"):
+            sys.exit(f"unknown or repeated option {a!r}; {usage}")
     only = rest or None
     known = {a for a, _, _ in CASES}
     bad = [m for m in (only or []) if m not in known]
