@@ -323,6 +323,10 @@ fn refused(run: (i32, String, String), path: &str, want: &str) -> String {
     let (code, stdout, stderr) = run;
     assert_eq!(code, 1, "expected a refusal naming {path}; stdout: {stdout}; stderr: {stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        !stderr.trim_end().contains(|c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}'),
+        "{stderr:?}"
+    );
     assert!(stderr.starts_with("error: ") && !stderr.contains("panicked"), "{stderr}");
     assert!(stderr.contains(path), "expected '{path}' in: {stderr}");
     assert!(stderr.contains(want), "expected '{want}' in: {stderr}");
@@ -800,6 +804,73 @@ fn summary_names_unused_tensors() {
     assert!(stdout.contains("2 tensors in the file not used: 'mask', 'ref_logp'"), "{stdout}");
     let (_, stdout, _) = tpo_in(&d, &["eval", "in.st"]);
     assert!(!stdout.contains("not used"), "{stdout}");
+}
+
+/// Tensor names are arbitrary strings: a newline, a carriage return or a line separator in one
+/// (or in a path) is shown escaped, so the error and the summary stay one line each.
+#[test]
+fn control_characters_in_names_and_paths_are_escaped() {
+    let d = workdir("escaped-names");
+    let x4 = [0.0f32, -1.0, -2.0, -3.0];
+    // A missing tensor: the error lists the names the file holds.
+    write(
+        &d.join("names.st"),
+        &[("lo\ngp", vec![2, 2], T::F32(&x4)), ("s\r\u{2028}\u{1b}", vec![4], T::F32(&x4))],
+    );
+    let e = refused(tpo_in(&d, &["eval", "names.st"]), "names.st", "has no tensor 'logp'");
+    assert!(e.contains(r"it holds: lo\ngp, s\r\u{2028}\u{1b})"), "{e}");
+    // An unused tensor: named escaped in the summary.
+    write(
+        &d.join("unused.st"),
+        &[
+            ("logp", vec![2, 2], T::F32(&x4)),
+            ("scores", vec![2, 2], T::F32(&x4)),
+            ("a\nb", vec![4], T::F32(&x4)),
+        ],
+    );
+    let (code, stdout, stderr) = tpo_in(&d, &["eval", "unused.st"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(r"1 tensor in the file not used: 'a\nb'"), "{stdout}");
+    // A file the safetensors reader refuses, quoting a name with '\r' and '\n' in its message
+    // (the fuzzer's find, fuzz/regressions/eval_input/newline-in-tensor-name).
+    let found =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/eval_input/newline-in-tensor-name");
+    std::fs::copy(found, d.join("found.st")).unwrap();
+    let e = refused(tpo_in(&d, &["eval", "found.st"]), "found.st", "is not a valid safetensors file");
+    assert!(e.contains(r"\r") && e.contains(r"\n"), "{e}");
+    // A path with a newline.
+    refused(tpo_in(&d, &["eval", "no\nsuch.st"]), r"no\nsuch.st", "cannot read");
+    // An --out path with a newline that exists (refused without --force, by the writer, not the
+    // reader).
+    std::fs::write(d.join("ex\nists.st"), b"kept").unwrap();
+    refused(tpo_in(&d, &["eval", "unused.st", "--out", "ex\nists.st"]), r"ex\nists.st", "--force");
+    assert_eq!(std::fs::read(d.join("ex\nists.st")).unwrap(), b"kept");
+    // A written --out path with a newline: the summary's "wrote" line shows it escaped.
+    let (code, stdout, stderr) = tpo_in(&d, &["eval", "unused.st", "--out", "w\nrote.st"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(r"wrote w\nrote.st (loss"), "{stdout}");
+    assert!(valid_output(&d.join("w\nrote.st")));
+    // A command-line value with a newline, quoted back by the argument parser.
+    let (code, _, stderr) = tpo_in(&d, &["eval", "unused.st", "--eta", "1\n2"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(r"invalid value '1\n2' for '--eta"), "{stderr}");
+    for (arg, want) in [
+        (&["--eta", "1\u{1}2"][..], r"invalid value '1\u{1}2' for '--eta"),
+        (&["--eta", "1\u{1b}[2"][..], r"invalid value '1\u{1b}[2' for '--eta"),
+        (&["--fo\no=1"][..], r"unexpected argument '--fo\no' found"),
+        (&["-\nx"][..], r"unexpected argument '-\n' found"),
+    ] {
+        let (code, _, stderr) = tpo_in(&d, &[&["eval", "unused.st"][..], arg].concat());
+        assert_eq!(code, 2, "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(!stderr.trim_end().contains(|c: char| c.is_control()), "{stderr:?}");
+        assert!(stderr.contains(want), "{arg:?}: {stderr}");
+    }
+    // `tpo reproduce` into a folder with a newline: its last line names the folder escaped.
+    let (code, stdout, stderr) = reproduce(&d, "true", "re\nsults", &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(r"wrote re\nsults/tabular_"), "{stdout}");
 }
 
 #[test]

@@ -159,6 +159,20 @@ fn eval_group_sizes_that_overflow_are_refused_truthfully() {
     }
 }
 
+/// A tensor name holding '\r' and '\n' (JSON escapes in the header) at an invalid offset: the
+/// safetensors reader's message quotes the name, and the error came out three lines long.
+#[test]
+fn eval_error_quoting_a_name_with_newlines_is_one_line() {
+    eval_file("newline-in-tensor-name");
+}
+
+/// No tensor 'logp' but one named "l\x7fgp" (DEL): the error lists the names the file holds, and
+/// the DEL went out raw (found with the escaping planted out, by CI's fuzzing settings).
+#[test]
+fn eval_error_listing_a_name_with_a_control_character_is_escaped() {
+    eval_file("del-in-tensor-name");
+}
+
 // ---- api findings: the small-eta class (target, fit, tokens) ----
 
 /// The example: scores [1, 0, 0, 1], l_old = 0, eta = 1e-16 gives q = [1, 0, 0, 1].
@@ -255,7 +269,7 @@ fn logits_grad_with_subnormal_upstream_sums_to_zero() {
     api_file("logits-grad-subnormal-upstream-tiny-temperature");
 }
 
-// ---- api findings outside the list (no fix in flight) ----
+// ---- api findings outside the list ----
 
 /// A subnormal temperature: 1 / tau = inf and 0 * inf = NaN log-probs, returned as Ok.
 #[test]

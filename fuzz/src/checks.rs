@@ -1,8 +1,8 @@
 //! The invariants every result of the public API must satisfy, shared by the fuzz targets and by
 //! `tests/fuzz_regressions.rs` (which compiles this file with `#[path]`).
 //!
-//! * An error's message is one non-empty line (no `'\n'` or `'\r'`); a call that builds its own
-//!   target never refuses it as an invalid stored target.
+//! * An error's message is one non-empty line (no line break or other control character); a
+//!   call that builds its own target never refuses it as an invalid stored target.
 //! * An `Ok` result is finite everywhere (losses, targets, gradients, diagnostics).
 //! * A target `q` holds probabilities: `0 <= q_i <= 1`, `q_i = 0` for an excluded member
 //!   (`l_old = -inf`), and each group sums to 1 within [`SUM_TOL`].
@@ -29,10 +29,14 @@ pub const SUM_TOL: f64 = 1e-9;
 /// The outcome of a check: `Err` describes the first violated invariant.
 pub type Check = Result<(), String>;
 
-/// An error message must be one non-empty line.
+/// An error message must be one non-empty line: no line break (`\n`, `\r`, U+2028, U+2029) and no
+/// other control character (a terminal escape, a tab) from whatever it quotes.
 pub fn one_line(what: &str, msg: &str) -> Check {
-    if msg.contains('\n') || msg.contains('\r') {
+    if msg.contains(['\n', '\r', '\u{2028}', '\u{2029}']) {
         return Err(format!("{what}: the error message spans several lines: {msg:?}"));
+    }
+    if let Some(c) = msg.chars().find(|c| c.is_control()) {
+        return Err(format!("{what}: the error message holds the control character {c:?}: {msg:?}"));
     }
     if msg.trim().is_empty() {
         return Err(format!("{what}: empty error message"));

@@ -150,7 +150,7 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
             if old.exists() {
                 eprintln!(
                     "note: {} is from an earlier run (no TPO method ran now, so none was drawn); left in place",
-                    old.display()
+                    super::shown(&old)
                 );
             }
         }
@@ -165,7 +165,7 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         episodes,
         threads,
         secs,
-        out.display(),
+        super::shown(&out),
         if tpo_ran { "returns,stability,target" } else { "returns,stability" }
     );
     Ok(())

@@ -2,7 +2,7 @@
 
 use super::input::{load, Inputs};
 use super::output::{self, Policy};
-use super::tensors::serialize_f64;
+use super::tensors::{printable, serialize_f64};
 use clap::Args;
 use std::path::PathBuf;
 use tpo::{cpu, Anchor, FitConfig, TargetConfig};
@@ -88,7 +88,7 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
         println!(
             "  {n} tensor{} in the file not used: {}",
             if n == 1 { "" } else { "s" },
-            inp.unused.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", ")
+            inp.unused.iter().map(|t| format!("'{}'", printable(t))).collect::<Vec<_>>().join(", ")
         );
     }
     let st = res.fit.stats.as_ref().expect("diagnostics were requested");
@@ -113,7 +113,7 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
             ("grad", shape, &res.fit.grad),
         ])?;
         output::write(out, &policy, &bytes)?;
-        println!("  wrote {} (loss, group_loss, target, grad as f64)", out.display());
+        println!("  wrote {} (loss, group_loss, target, grad as f64)", super::shown(out));
     }
     Ok(())
 }

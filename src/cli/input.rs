@@ -3,7 +3,7 @@
 //! `tpo eval` (arguments, output file) so that the fuzz crate compiles this very reader
 //! (fuzz/src/cli.rs) without the writer.
 
-use super::tensors::{FloatTensor, TensorFile};
+use super::tensors::{printable, FloatTensor, TensorFile};
 use tpo::GroupLayout;
 
 /// The inputs of one evaluation, validated against each other.
@@ -19,7 +19,13 @@ pub struct Inputs {
 /// The tensors `tpo eval` reads.
 const USED: [&str; 4] = ["logp", "scores", "logp_old", "group_sizes"];
 
+/// Reads and validates `path`. The error is one line: whatever the file holds (tensor names are
+/// arbitrary strings, control characters included) is shown escaped by [`printable`].
 pub fn load(path: &std::path::Path) -> Result<Inputs, String> {
+    read(path).map_err(|e| printable(&e))
+}
+
+fn read(path: &std::path::Path) -> Result<Inputs, String> {
     let f = TensorFile::open(path)?;
     let need = |name: &str| -> Result<FloatTensor, String> {
         f.float(name)?

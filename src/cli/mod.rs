@@ -50,16 +50,46 @@ pub fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            eprintln!("error: {msg}");
+            // One line whatever the message quotes (a path given on the command line may hold a
+            // newline too).
+            eprintln!("error: {}", tensors::printable(&msg));
             ExitCode::from(1)
         }
     }
 }
 
+/// A path as the tool prints it: `display()`, with control characters escaped (one line).
+pub(crate) fn shown(p: &std::path::Path) -> String {
+    tensors::printable(&p.display().to_string())
+}
+
 /// A clap usage error on one line: its message, any tip and the list it announces joined with
 /// "; ", then where to find help. The usage synopsis and blank lines clap adds are dropped.
 fn usage_error(e: &clap::Error) -> String {
-    let text = e.render().to_string();
+    // The text with its styles as ANSI sequences, removed here: `to_string()` would also delete
+    // the control characters of an argument clap quotes, misquoting it.
+    let mut text = strip_csi(&e.render().ansi().to_string());
+    // Escape the control characters of what clap may quote from the command line (an argument,
+    // the name or the value either side of its '=', or one flag of a short cluster) before the
+    // text is split into lines: a newline in a value shows as `\n` instead of breaking the line.
+    let mut quoted: Vec<String> = Vec::new();
+    for arg in std::env::args_os().skip(1) {
+        let arg = strip_csi(&arg.to_string_lossy());
+        if let Some((name, value)) = arg.split_once('=') {
+            quoted.extend([name.to_string(), value.to_string()]);
+        }
+        if let Some(cluster) = arg.strip_prefix('-').filter(|c| !c.starts_with('-')) {
+            quoted.extend(cluster.chars().map(|c| format!("-{c}")));
+        }
+        quoted.push(arg);
+    }
+    quoted.retain(|q| tensors::printable(q) != *q);
+    // Longest first, so that an argument that ends another is not escaped inside it first.
+    quoted.sort_by_key(|q| std::cmp::Reverse(q.len()));
+    for q in quoted {
+        // Ends with the closing quote: `'{q}'`, and clap's tip `'-- {q}'`.
+        text = text.replace(&format!("{q}'"), &format!("{}'", tensors::printable(&q)));
+    }
     let mut parts: Vec<String> = Vec::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if line.starts_with("Usage:") || line.starts_with("For more information") {
@@ -90,7 +120,30 @@ fn usage_error(e: &clap::Error) -> String {
         Some(sub @ ("eval" | "reproduce")) => format!("tpo {sub} --help"),
         _ => "tpo --help".to_string(),
     };
-    format!("{msg} (see '{help}')")
+    tensors::printable(&format!("{msg} (see '{help}')"))
+}
+
+/// `s` without the ANSI colour sequences clap styles its messages with (`ESC [ params m`, params
+/// digits, `;` or `:`). Any other escape is left for [`tensors::printable`] to show.
+fn strip_csi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('\x1b') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let params = after
+            .strip_prefix('[')
+            .map(|p| p.trim_start_matches(|c: char| c.is_ascii_digit() || c == ';' || c == ':'));
+        match params.and_then(|p| p.strip_prefix('m')) {
+            Some(tail) => rest = tail,
+            None => {
+                out.push('\x1b');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Parses a count that must be at least 1 (`--seeds`, `--steps`, `--threads`).

@@ -247,7 +247,7 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
         be.name(),
         threads,
         t0.elapsed().as_secs_f64(),
-        out.display()
+        super::shown(&out)
     );
     Ok(())
 }

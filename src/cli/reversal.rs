@@ -236,7 +236,7 @@ pub fn run(r: Request) -> Result<(), String> {
     println!(
         "{}, {steps} steps, {threads} threads, {secs:.1} s; wrote {}/{{summary.json,reversal.json,reversal.png,reversal.svg}}",
         seeds_text(seeds),
-        r.out.display()
+        super::shown(r.out)
     );
     Ok(())
 }

@@ -4,6 +4,27 @@ use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// `text` with every character that could break a one-line message shown as an escape: control
+/// characters (a newline as a backslash and `n`, likewise `r` and `t`; others as `\u{hex}`) and the
+/// Unicode line and paragraph separators (U+2028, U+2029). A file's tensor names, and paths, may
+/// hold any of them; they reach error messages and the summary through this. Backslashes are left
+/// as they are, so applying it twice changes nothing.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A float tensor widened to f64, with its original dtype and shape.
 pub struct FloatTensor {
     pub data: Vec<f64>,
