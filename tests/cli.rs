@@ -873,6 +873,39 @@ fn control_characters_in_names_and_paths_are_escaped() {
     assert!(stdout.contains(r"wrote re\nsults/tabular_"), "{stdout}");
 }
 
+/// A reader that went away (`tpo eval f | head -1`: a pipe with its read end closed) ends the
+/// report, not the run: no panic, exit 0, the --out file written. A stdout that fails otherwise
+/// (a full disk) is an error: exit 1, one line, the file still written.
+#[test]
+fn a_closed_stdout_ends_the_report_not_the_run() {
+    let d = workdir("closed-stdout");
+    let input = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/rollout.safetensors");
+    let run = |out: &str, stdout: std::process::Stdio| {
+        let o = Command::new(env!("CARGO_BIN_EXE_tpo"))
+            .arg("eval")
+            .arg(&input)
+            .arg("--out")
+            .arg(d.join(out))
+            .stdout(stdout)
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let (code, stderr) = run("piped.st", writer.into());
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    assert!(valid_output(&d.join("piped.st")));
+    if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        let (code, stderr) = run("full.st", full.into());
+        assert_eq!(code, Some(1), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: cannot write the report to stdout"), "{stderr}");
+        assert!(valid_output(&d.join("full.st")));
+    }
+}
+
 #[test]
 fn summary_calls_equal_group_sizes_uniform() {
     let d = workdir("summary-uniform");

@@ -157,7 +157,7 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     }
 
     table(&cfg, &stats);
-    println!(
+    outln!(
         "{}, {} iterations × {} episodes, {} threads, {:.1} s; wrote {}/{{summary,control}}.json, \
          control_{{{}}}.{{png,svg}}",
         seeds_text(cfg.seeds),
@@ -418,13 +418,13 @@ fn write_curves(
 fn table(cfg: &ControlConfig, stats: &[(usize, Vec<MethodStats>)]) {
     let se = |s: Option<f64>| s.map_or(String::new(), |s| format!(" ± {s:.1}"));
     for (e, ms) in stats {
-        println!(
+        outln!(
             "{e} epoch{} per batch: final return (last {} batches), steps to mean return {}, collapse after solving, update KL, gradient norm",
             if *e == 1 { "" } else { "s" },
             cfg.final_window,
             cfg.threshold
         );
-        println!(
+        outln!(
             "{:<14}{:>16}{:>16}{:>10}{:>12}{:>11}{:>11}{:>11}{:>11}",
             "method",
             "final",
@@ -438,7 +438,7 @@ fn table(cfg: &ControlConfig, stats: &[(usize, Vec<MethodStats>)]) {
         );
         for m in ms {
             let steps = m.steps_to_threshold().map_or("never".to_string(), |s| s.to_string());
-            println!(
+            outln!(
                 "{:<14}{:>16}{:>16}{:>10}{:>12}{:>11.2e}{:>11.2e}{:>11.2e}{:>11.2e}",
                 m.method.label(),
                 format!("{:.1}{}", m.final_.0, se(m.final_.1)),
@@ -451,7 +451,7 @@ fn table(cfg: &ControlConfig, stats: &[(usize, Vec<MethodStats>)]) {
                 m.grad_max
             );
         }
-        println!();
+        outln!();
     }
 }
 

@@ -75,7 +75,7 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
     } else {
         format!("ragged, K from {k_min} to {k_max}")
     };
-    println!(
+    outln!(
         "tpo eval: {b} groups ({shape_kind}), {} members, logp {:?}, eta = {}, {}, {}",
         inp.layout.len(),
         inp.logp.dtype,
@@ -85,7 +85,7 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
     );
     if !inp.unused.is_empty() {
         let n = inp.unused.len();
-        println!(
+        outln!(
             "  {n} tensor{} in the file not used: {}",
             if n == 1 { "" } else { "s" },
             inp.unused.iter().map(|t| format!("'{}'", printable(t))).collect::<Vec<_>>().join(", ")
@@ -93,14 +93,14 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
     }
     let st = res.fit.stats.as_ref().expect("diagnostics were requested");
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    println!("  loss (mean cross-entropy)  {:.9}", res.fit.loss);
-    println!("  mean KL(q || p)            {:.6e}", mean(&st.kl_q_p));
+    outln!("  loss (mean cross-entropy)  {:.9}", res.fit.loss);
+    outln!("  mean KL(q || p)            {:.6e}", mean(&st.kl_q_p));
     if let Some(k) = &st.kl_q_pold {
-        println!("  mean KL(q || p_old)        {:.6e}", mean(k));
+        outln!("  mean KL(q || p_old)        {:.6e}", mean(k));
     }
-    println!("  mean H(q)                  {:.6}", mean(&st.entropy_q));
+    outln!("  mean H(q)                  {:.6}", mean(&st.entropy_q));
     let gn = res.fit.grad.iter().map(|g| g * g).sum::<f64>().sqrt();
-    println!("  |grad|                     {gn:.6e}");
+    outln!("  |grad|                     {gn:.6e}");
     if a.backend == Backend::Cuda {
         compare_cuda(&inp, &tcfg, &res)?;
     }
@@ -113,7 +113,7 @@ pub fn run(a: EvalArgs) -> Result<(), String> {
             ("grad", shape, &res.fit.grad),
         ])?;
         output::write(out, &policy, &bytes)?;
-        println!("  wrote {} (loss, group_loss, target, grad as f64)", super::shown(out));
+        outln!("  wrote {} (loss, group_loss, target, grad as f64)", super::shown(out));
     }
     Ok(())
 }
@@ -163,8 +163,8 @@ fn compare_cuda(inp: &Inputs, tcfg: &TargetConfig, want: &cpu::TargetAndFit) -> 
     }
     .map_err(|e| e.to_string())?;
     let maxdiff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-    println!("  cuda ({}): largest |difference| from the reference:", got.device);
-    println!(
+    outln!("  cuda ({}): largest |difference| from the reference:", got.device);
+    outln!(
         "    loss {:.3e}, group_loss {:.3e}, target {:.3e}, grad {:.3e}",
         (got.loss - want.fit.loss).abs(),
         maxdiff(&got.group_loss, &want.fit.group_loss),

@@ -1,5 +1,23 @@
 //! Command-line front end: argument parsing and error reporting.
 
+/// `println!` for the tool's report on stdout, through [`report`]: a reader that went away
+/// (`tpo eval f | head -1`) ends the report, not the run, and never panics.
+macro_rules! outln {
+    () => {
+        $crate::cli::report(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::report(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` through [`report`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::report(format_args!($($arg)*))
+    };
+}
+
 mod control;
 mod eval;
 mod input;
@@ -48,12 +66,37 @@ pub fn main() -> ExitCode {
         Command::Reproduce(a) => reproduce::run(a),
     };
     match res {
+        Ok(()) if REPORT_FAILED.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::from(1),
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             // One line whatever the message quotes (a path given on the command line may hold a
             // newline too).
             eprintln!("error: {}", tensors::printable(&msg));
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Set when the report could not be written for a reason other than a closed pipe.
+static REPORT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes part of the report to stdout. `println!` panics when stdout is gone (a closed pipe:
+/// `tpo eval f | head -1`); here the first failed write ends the report, and the run goes on to
+/// write its files. A closed pipe is the reader's choice and leaves the exit status alone; any
+/// other failure (a full disk behind a redirect) is said once on stderr, and the run exits 1.
+pub(crate) fn report(args: std::fmt::Arguments) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static ENDED: AtomicBool = AtomicBool::new(false);
+    if ENDED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        ENDED.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            REPORT_FAILED.store(true, Ordering::Relaxed);
+            eprintln!("error: cannot write the report to stdout ({e}); the rest of it is left out");
         }
     }
 }

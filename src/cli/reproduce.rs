@@ -235,13 +235,13 @@ pub fn run(a: ReproduceArgs) -> Result<(), String> {
     } else {
         "1 seed: no standard errors (null in the JSON)".to_string()
     };
-    println!("Single context: error 1 − π(y*) before the step (misalignment to g*_PG in brackets), {over}");
+    outln!("Single context: error 1 − π(y*) before the step (misalignment to g*_PG in brackets), {over}");
     table(&single_curves, &single_steps, &[0, 25, 50, 100]);
-    println!();
-    println!("Multi context: mean error 1 − π(y) after the step (misalignment to g_CE in brackets), {over}");
+    outln!();
+    outln!("Multi context: mean error 1 − π(y) after the step (misalignment to g_CE in brackets), {over}");
     table(&multi_curves, &multi_steps, &[1, 10, 100, 500]);
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{}, TPO on {}, {} threads, {:.1} s; wrote {}/tabular_{{single,multi}}.{{json,png,svg}}",
         seeds_text(seeds),
         be.name(),
@@ -310,18 +310,18 @@ fn table(curves: &[MethodCurves], steps: &[f64], at: &[usize]) {
             }
             v
         });
-    print!("{:<6}", "method");
+    out!("{:<6}", "method");
     for (s, _) in &cols {
-        print!("{:>22}", format!("step {s}"));
+        out!("{:>22}", format!("step {s}"));
     }
-    println!("{:>16}", "error < 1% at");
+    outln!("{:>16}", "error < 1% at");
     for c in curves {
-        print!("{:<6}", c.method.name());
+        out!("{:<6}", c.method.name());
         for &(_, i) in &cols {
-            print!("{:>22}", format!("{:.3e} ({:.2e})", c.error_mean[i], c.misalignment_mean[i]));
+            out!("{:>22}", format!("{:.3e} ({:.2e})", c.error_mean[i], c.misalignment_mean[i]));
         }
         let first = c.first_below(0.01).map_or("never".to_string(), |i| format!("step {}", steps[i]));
-        println!("{first:>16}");
+        outln!("{first:>16}");
     }
 }
 

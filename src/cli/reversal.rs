@@ -222,8 +222,8 @@ pub fn run(r: Request) -> Result<(), String> {
     );
     draw(r.out, "reversal", &policy, &title, y_axis(reward), &stats, seeds)?;
 
-    println!("Token reversal, {} reward, V = {vocab}, H = {length}: {metric}", reward_name(reward));
-    println!("{:<12}{:>20}{:>22}{:>14}", "method", "final (± s.e.)", "steps to 1% error", "best mean");
+    outln!("Token reversal, {} reward, V = {vocab}, H = {length}: {metric}", reward_name(reward));
+    outln!("{:<12}{:>20}{:>22}{:>14}", "method", "final (± s.e.)", "steps to 1% error", "best mean");
     for s in &stats {
         let fin = match s.fin_se {
             Some(se) => format!("{:.4} ± {:.4}", s.fin, se),
@@ -231,9 +231,9 @@ pub fn run(r: Request) -> Result<(), String> {
         };
         let to = s.to_threshold.map_or("never".to_string(), |n| n.to_string());
         let best = s.mean.iter().copied().fold(f64::INFINITY, f64::min);
-        println!("{:<12}{:>20}{:>22}{:>14.4}", s.method.name(), fin, to, best);
+        outln!("{:<12}{:>20}{:>22}{:>14.4}", s.method.name(), fin, to, best);
     }
-    println!(
+    outln!(
         "{}, {steps} steps, {threads} threads, {secs:.1} s; wrote {}/{{summary.json,reversal.json,reversal.png,reversal.svg}}",
         seeds_text(seeds),
         super::shown(r.out)
