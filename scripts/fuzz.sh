@@ -8,13 +8,13 @@
 #
 # Unset, FUZZ_SEED lets every run draw a new seed and continue from the inputs earlier runs kept
 # in fuzz/work/: that is for exploring. Set (CI sets it), a run starts from the seed corpus alone
-# (passed as a sorted list) with libFuzzer's seed fixed to N and stops after a fixed number of inputs
-# per target (FUZZ_RUNS, default 1200000 for eval_input and 300000 for api: about a minute each on
-# a 2-core machine), so how far it gets does not depend on the machine's speed. SECONDS is then
-# only a cap (default 600): a run that reaches it is cut short, and the script exits 3 saying so.
-# (A time bound alone made the verdict depend on the machine's speed: one CI run found an input
-# that earlier 60 s runs of the same seed had not reached.) Such a run also turns
-# off what else varies between runs: libFuzzer's periodic corpus reload (time-based; -reload=0)
+# (passed as a sorted list) with libFuzzer's seed fixed to N and stops after a fixed number of
+# inputs per target (FUZZ_RUNS, default 1200000 for eval_input and 300000 for api: about a minute
+# each on a 2-core machine), so how far it gets does not depend on the machine's speed. SECONDS is
+# then only a cap (default 600): a run that reaches it is cut short, and the script exits 3 saying
+# so. (A time bound alone made the verdict depend on the machine's speed: one CI run found an
+# input that earlier 60 s runs of the same seed had not reached.) Such a run also turns off what
+# else varies between runs: libFuzzer's periodic corpus reload (time-based; -reload=0)
 # and address-space randomisation (`setarch -R`, where it is installed and allowed: compared
 # addresses feed libFuzzer's dictionary). With both, two api runs of 100,000 inputs here printed
 # identical progress lines. eval_input's still differ from start-up on (probably the safetensors
@@ -31,12 +31,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-secs="${1:-$([[ -n "${FUZZ_SEED:-}" ]] && echo 600 || echo 60)}"
+seeded="${FUZZ_SEED:+1}"
+secs="${1:-$([[ -n "$seeded" ]] && echo 600 || echo 60)}"
 [[ "$secs" =~ ^[1-9][0-9]*$ ]] || { echo "usage: scripts/fuzz.sh [SECONDS > 0], got '$secs'" >&2; exit 2; }
+# VAR, if set, must be an integer from 1 to MAX.
+in_range() {
+    local v="${!1:-}"
+    [[ -z "$v" || ( "$v" =~ ^[1-9][0-9]{0,9}$ && "$v" -le "$2" ) ]] || { echo "$1 must be an integer from 1 to $2, got '$v'" >&2; exit 2; }
+}
 # libFuzzer reads -seed as an unsigned int (0 meaning a random seed), -runs as an int.
-[[ -z "${FUZZ_SEED:-}" || ( "$FUZZ_SEED" =~ ^[1-9][0-9]{0,9}$ && "$FUZZ_SEED" -le 4294967295 ) ]] || { echo "FUZZ_SEED must be an integer from 1 to 4294967295, got '$FUZZ_SEED'" >&2; exit 2; }
-[[ -z "${FUZZ_RUNS:-}" || ( "$FUZZ_RUNS" =~ ^[1-9][0-9]{0,9}$ && "$FUZZ_RUNS" -le 2147483647 ) ]] || { echo "FUZZ_RUNS must be an integer from 1 to 2147483647, got '$FUZZ_RUNS'" >&2; exit 2; }
-[[ -z "${FUZZ_RUNS:-}" || -n "${FUZZ_SEED:-}" ]] || { echo "FUZZ_RUNS needs FUZZ_SEED (a fixed number of inputs is for a reproducible run)" >&2; exit 2; }
+in_range FUZZ_SEED 4294967295
+in_range FUZZ_RUNS 2147483647
+[[ -z "${FUZZ_RUNS:-}" || -n "$seeded" ]] || { echo "FUZZ_RUNS needs FUZZ_SEED (a fixed number of inputs is for a reproducible run)" >&2; exit 2; }
 
 cargo=(cargo)
 if command -v rustup >/dev/null; then
@@ -51,19 +57,19 @@ fi
 
 # No address-space randomisation for a seeded run, where `setarch -R` is installed and allowed.
 norand=()
-if [[ -n "${FUZZ_SEED:-}" ]] && setarch "$(uname -m)" -R true 2>/dev/null; then
+if [[ -n "$seeded" ]] && setarch "$(uname -m)" -R true 2>/dev/null; then
     norand=(setarch "$(uname -m)" -R)
 fi
 # New inputs go to an ignored work folder, so the seed corpus in the repository stays as is; a
 # seeded run has a folder of its own, emptied first (it starts from the seed corpus alone), so the
 # inputs that exploring runs kept in fuzz/work/<target> stay.
 base="fuzz/work"
-[[ -n "${FUZZ_SEED:-}" ]] && base="fuzz/work/seeded"
+[[ -n "$seeded" ]] && base="fuzz/work/seeded"
 failed=()
 capped=()
 for target in eval_input api; do
     work="$base/$target"
-    [[ -n "${FUZZ_SEED:-}" ]] && rm -rf "$work"
+    [[ -n "$seeded" ]] && rm -rf "$work"
     mkdir -p "$work"
     # No length ramp-up (-len_control=0): the api target turns input length into data, and a
     # one-minute run would otherwise spend itself on tiny inputs.
@@ -71,7 +77,7 @@ for target in eval_input api; do
     [[ -f "fuzz/$target.dict" ]] && extra+=("-dict=$target.dict")
     [[ "$target" == api ]] && extra+=(-max_len=2048)
     runs=""
-    if [[ -n "${FUZZ_SEED:-}" ]]; then
+    if [[ -n "$seeded" ]]; then
         case "$target" in
             eval_input) runs="${FUZZ_RUNS:-1200000}" ;;
             *) runs="${FUZZ_RUNS:-300000}" ;;
@@ -120,7 +126,7 @@ if ((${#capped[@]})); then
     echo "fuzzing was cut short by the ${secs}s cap in: ${capped[*]} (no failure in the inputs it ran; give a larger cap)" >&2
     exit 3
 fi
-if [[ -n "${FUZZ_SEED:-}" ]]; then
+if [[ -n "$seeded" ]]; then
     echo "fuzz: no failure (seed $FUZZ_SEED)"
 else
     echo "fuzz: no failure in ${secs}s per target"

@@ -91,8 +91,8 @@ pub(crate) fn report(args: std::fmt::Arguments) {
     if ENDED.load(Ordering::Relaxed) {
         return;
     }
-    let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+    // stdout writes each line out at its newline, so a failure shows on the line that meets it.
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
         ENDED.store(true, Ordering::Relaxed);
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             REPORT_FAILED.store(true, Ordering::Relaxed);

@@ -10,6 +10,7 @@ use std::path::Path;
 /// hold any of them; they reach error messages and the summary through this. Backslashes are left
 /// as they are, so applying it twice changes nothing.
 pub fn printable(text: &str) -> String {
+    use std::fmt::Write;
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -17,7 +18,7 @@ pub fn printable(text: &str) -> String {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
-                out.push_str(&format!("\\u{{{:x}}}", c as u32))
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
             }
             c => out.push(c),
         }
